@@ -1,0 +1,96 @@
+"""utils' distributed helpers under a real two-process `torchrun` with gloo on the CPU."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+WORLD_SIZE = 2
+WORKER = REPO / "tests" / "dist_worker_utils.py"
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist_utils")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(out_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun workers hung (killed after {e.timeout}s):\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+
+
+def test_init_distributed_mode_sets_args(worker_results):
+    for rank, res in enumerate(worker_results):
+        assert res["args"] == {"distributed": True, "rank": rank, "world_size": WORLD_SIZE,
+                               "gpu": rank, "dist_backend": "gloo"}
+        assert res["initialized"] is True
+
+
+def test_rank_and_world_size(worker_results):
+    for rank, res in enumerate(worker_results):
+        assert res["rank"] == rank
+        assert res["world_size"] == WORLD_SIZE
+        assert res["is_main_process"] == (rank == 0)
+
+
+def test_concat_all_gather_values(worker_results):
+    expected = torch.cat([torch.tensor([[r, r + 0.5], [10.0 * r, -r]]) for r in range(WORLD_SIZE)])
+    for res in worker_results:
+        assert torch.equal(torch.tensor(res["concat_all_gather"]), expected)
+        assert res["concat_all_gather_requires_grad"] is False
+
+
+def test_all_gather_with_grad_values_and_gradients(worker_results):
+    xs = [torch.tensor(res["x"]) for res in worker_results]
+    gathered = torch.cat(xs)
+    for res in worker_results:
+        assert torch.equal(torch.tensor(res["all_gather_with_grad"]), gathered)
+        assert res["all_gather_with_grad_requires_grad"] is True
+
+    # loss_r = sum((r+1) * g**2) + sum(W_r * g) with W_r = (r+1) * arange(numel).view_as(g).
+    # Rank k's slice feeds every rank's loss, so its gradient is the sum over r of
+    #   2 * (r+1) * x_k + W_r[slice k].
+    rows = xs[0].shape[0]
+    base = torch.arange(float(gathered.numel())).view_as(gathered)
+    for k, res in enumerate(worker_results):
+        expected = sum(2 * (r + 1) * xs[k] + (r + 1) * base[k * rows:(k + 1) * rows]
+                       for r in range(WORLD_SIZE))
+        assert torch.allclose(torch.tensor(res["x_grad"]), expected)
+
+
+def test_all_reduce_helpers(worker_results):
+    for res in worker_results:
+        assert res["all_reduce_sum"] == [3.0, 4.0]
+        assert res["all_reduce_mean"] == [1.5, 2.0]
+
+
+def test_metric_logger_synchronizes(worker_results):
+    for res in worker_results:
+        assert res["meter_count"] == 3      # 1 value on rank 0 + 2 on rank 1
+        assert res["meter_total"] == 1.0    # 0 + (0 + 1)
+
+
+def test_barrier_waits_for_every_rank(worker_results):
+    for res in worker_results:
+        assert res["markers_after_barrier"] == [f"marker{r}" for r in range(WORLD_SIZE)]
+
+
+def test_save_on_master_writes_from_rank0(worker_results):
+    for res in worker_results:
+        assert res["master_ckpt_rank"] == 0

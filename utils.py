@@ -1,0 +1,605 @@
+"""Shared helpers for the BLIP task scripts.
+
+- distributed: optional. Without torchrun's environment variables everything runs as one
+  process with no process group, and every helper below degrades to the single-process
+  answer (gathers return their input, barriers do nothing).
+- logging: `SmoothedValue` and `MetricLogger` print running averages with an ETA.
+- learning-rate schedules: the original's cosine, warm-up and step formulas.
+- seeding and atomic checkpoint writes.
+- configs: YAML in (ruamel.yaml's `YAML(typ='safe')`), typed command-line overrides of any
+  key, a copy written to the output folder; errors name the file and the key at fault.
+"""
+import argparse
+import builtins
+import copy
+import datetime
+import math
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed (optional)
+# ---------------------------------------------------------------------------------------
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every process but the master; print(..., force=True) still prints."""
+    builtin_print = getattr(builtins.print, "_blip_original_print", builtins.print)
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    print._blip_original_print = builtin_print
+    builtins.print = print
+
+
+def init_distributed_mode(args):
+    """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK.
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu (and args.dist_backend).
+    Without those variables: one process, no process group, args.distributed = False.
+    NCCL when args.device is CUDA, gloo otherwise (CPU runs and tests).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+
+    args.rank = int(os.environ["RANK"])
+    args.world_size = int(os.environ["WORLD_SIZE"])
+    args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    args.distributed = True
+
+    device = torch.device(getattr(args, "device", None) or default_device())
+    init_kwargs = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(args.gpu)
+        args.dist_backend = "nccl"
+        init_kwargs["device_id"] = torch.device("cuda", args.gpu)
+    else:
+        args.dist_backend = "gloo"
+    dist_url = getattr(args, "dist_url", None) or "env://"
+
+    print(f"| distributed init (rank {args.rank}, world {args.world_size}, "
+          f"backend {args.dist_backend}): {dist_url}", flush=True)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=args.dist_backend, init_method=dist_url,
+                                world_size=args.world_size, rank=args.rank, **init_kwargs)
+    barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def barrier():
+    """Wait for every process; a no-op without a process group."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Concatenate `tensor` from every process along dim 0. No gradient flows back.
+
+    Returns the input itself at world size 1 or without a process group.
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the gradient of its own slice.
+
+    Every process computes its own loss from the gathered tensor, so the gradient of this
+    process's slice is the sum of what every process's loss sends to it: all-reduce the
+    incoming gradients (SUM), then keep this rank's part. all_reduce works on every backend
+    (gloo has no reduce_scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        all_grads = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(all_grads, op=dist.ReduceOp.SUM)
+        return all_grads[dist.get_rank()]
+
+
+def all_gather_with_grad(tensor):
+    """Concatenate `tensor` from every process along dim 0, keeping the autograd graph.
+
+    Returns the input itself at world size 1 or without a process group.
+    """
+    if get_world_size() == 1:
+        return tensor
+    return torch.cat(_GatherWithGrad.apply(tensor), dim=0)
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over processes, in place; returns it. Unchanged without a group."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor):
+    """Average `tensor` over processes, in place; returns it. Unchanged without a group."""
+    world_size = get_world_size()
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size)
+    return tensor
+
+
+def _sync_device():
+    # NCCL only reduces CUDA tensors; gloo wants CPU ones.
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------
+
+class SmoothedValue:
+    """A series of values: median / mean over a recent window, and the global average."""
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over processes (the window is not synchronised)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_sync_device())
+        barrier()
+        dist.all_reduce(t)
+        count, total = t.tolist()
+        self.count = int(count)
+        self.total = total
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / self.count
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues, printed every few iterations with time per step and an ETA."""
+
+    def __init__(self, delimiter="\t"):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            if not isinstance(value, (float, int)):
+                raise TypeError(f"MetricLogger.update: '{name}' must be a number, "
+                                f"got {type(value).__name__}")
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr):
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def global_avg(self):
+        """'name: avg' for every meter, joined by the delimiter (as the original)."""
+        return self.delimiter.join(f"{name}: {meter.global_avg:.4f}"
+                                   for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header=None):
+        """Yield from `iterable`, printing progress, meters and ETA every `print_freq` steps."""
+        header = header or ""
+        total = len(iterable)
+        start_time = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        counter_fmt = "[{0:" + str(len(str(total))) + "d}/{1}]"
+        parts = [header, counter_fmt, "eta: {eta}", "{meters}", "time: {time}", "data: {data}"]
+        if torch.cuda.is_available():
+            parts.append("max mem: {memory:.0f}")
+        log_msg = self.delimiter.join(parts)
+        megabyte = 1024.0 * 1024.0
+
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta_seconds = iter_time.global_avg * (total - i)
+                fields = dict(eta=str(datetime.timedelta(seconds=int(eta_seconds))),
+                              meters=str(self), time=str(iter_time), data=str(data_time))
+                if torch.cuda.is_available():
+                    fields["memory"] = torch.cuda.max_memory_allocated() / megabyte
+                print(log_msg.format(i, total, **fields))
+            end = time.time()
+
+        total_time = time.time() - start_time
+        total_time_str = str(datetime.timedelta(seconds=int(total_time)))
+        print(f"{header} Total time: {total_time_str} ({total_time / max(total, 1):.4f} s / it)")
+
+
+def compute_acc(logits, label, reduction="mean"):
+    """Top-1 accuracy of `logits` (N, C) against `label` (N,)."""
+    correct = (torch.argmax(logits, dim=1) == label).float()
+    if reduction == "none":
+        return correct.detach()
+    if reduction == "mean":
+        return correct.mean().item()
+    raise ValueError(f"compute_acc: reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def compute_n_params(model, return_str=True):
+    """Number of parameters, as '12.3M' / '45.6K' or as an int."""
+    total = sum(p.numel() for p in model.parameters())
+    if not return_str:
+        return total
+    return f"{total / 1e6:.1f}M" if total >= 1e6 else f"{total / 1e3:.1f}K"
+
+
+# ---------------------------------------------------------------------------------------
+# Learning-rate schedules (the original formulas); each sets every param group, returns lr
+# ---------------------------------------------------------------------------------------
+
+def _set_lr(optimizer, lr):
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    return lr
+
+
+def cosine_lr_schedule(optimizer, epoch, max_epoch, init_lr, min_lr):
+    """Half-cosine decay from init_lr (epoch 0) to min_lr (epoch max_epoch)."""
+    lr = (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch)) + min_lr
+    return _set_lr(optimizer, lr)
+
+
+def warmup_lr_schedule(optimizer, step, max_step, init_lr, max_lr):
+    """Linear warm-up from init_lr to max_lr over max_step steps, then flat."""
+    lr = min(max_lr, init_lr + (max_lr - init_lr) * step / max_step)
+    return _set_lr(optimizer, lr)
+
+
+def step_lr_schedule(optimizer, epoch, init_lr, min_lr, decay_rate):
+    """Exponential decay init_lr * decay_rate**epoch, floored at min_lr."""
+    lr = max(min_lr, init_lr * (decay_rate ** epoch))
+    return _set_lr(optimizer, lr)
+
+
+# ---------------------------------------------------------------------------------------
+# Seeding and checkpoints
+# ---------------------------------------------------------------------------------------
+
+def set_seed(seed):
+    """Seed Python, NumPy and torch (CPU and every GPU). Scripts pass seed + rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def save_checkpoint(obj, path):
+    """torch.save `obj` to `path` atomically.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsynced, then
+    os.replace()d over `path`: a crash or a failing save leaves the old file intact and no
+    temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(path.parent)
+    return str(path)
+
+
+def _fsync_dir(folder):
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_on_master(obj, path):
+    """save_checkpoint on the main process only."""
+    if is_main_process():
+        save_checkpoint(obj, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config file or an override is wrong; the message names the file and the key."""
+
+
+def _read_yaml(path):
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        data = YAML(typ="safe").load(text)
+    except YAMLError as e:
+        raise ConfigError(f"malformed YAML in config file {path}:\n{e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _merge(base, update):
+    """Recursive dict merge: values of `update` win; nested mappings are merged."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override_value(text):
+    """Type a command-line value the way YAML would: '1e-5' -> float, '[1,2]' -> list,
+    'true' -> bool, '~' / 'null' -> None. Empty text gives '' and text YAML cannot parse
+    stays a string."""
+    if text.strip() == "":
+        return ""
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError:
+        return text
+
+
+def apply_override(config, override, source="config"):
+    """Apply one 'key=value' / 'a.b.c=value' override to `config` in place.
+
+    Every key on the path must already exist; otherwise ConfigError lists the valid keys.
+    """
+    key, sep, raw_value = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key=value (for {source})")
+
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the top level"
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{'.'.join(parts[:depth])}' in "
+                              f"{source} is a {type(node).__name__}, not a mapping")
+        if part not in node:
+            valid = ", ".join(sorted(map(str, node)))
+            raise ConfigError(f"unknown config key '{key}' in override {override!r} "
+                              f"(not in {source} at {where}); valid keys: {valid}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    node[parts[-1]] = parse_override_value(raw_value)
+
+
+def load_config(path, overrides=(), defaults=None):
+    """Read a YAML config, merge it over `defaults`, then apply `overrides`.
+
+    path:      the YAML file. Missing, unreadable or malformed: ConfigError naming it.
+    overrides: strings 'key=value' or 'a.b.c=value'; values are typed as YAML. A key that is
+               neither in the file nor in `defaults` raises ConfigError listing valid keys.
+    defaults:  values for keys the file may leave out (new keys whose defaults reproduce
+               the original behaviour); the file's values win.
+    """
+    config = _merge(copy.deepcopy(defaults or {}), _read_yaml(path))
+    for override in overrides:
+        apply_override(config, override, source=str(path))
+    return config
+
+
+def require_keys(config, keys, path):
+    """Raise ConfigError naming the first key of `keys` (dotted for nested) that `config`
+    (read from `path`) lacks."""
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"config file {path} is missing required key '{key}'")
+            node = node[part]
+
+
+def _plain(value):
+    # YAML(typ='safe') dumps only plain types: turn tuples and Paths into lists and str.
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_config(config, output_dir):
+    """Write `config` to output_dir/config.yaml (atomically); returns the path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "config.yaml"
+    yaml = YAML(typ="safe")
+    yaml.default_flow_style = False
+    fd, tmp_path = tempfile.mkstemp(dir=output_dir, prefix=".config.yaml.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.dump(_plain(config), f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def str2bool(text):
+    """argparse type for true/false flags ('true', 'False', '1', 'no', ...)."""
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("true", "t", "yes", "y", "1"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_common_args(parser, default_config=None, default_output_dir="output"):
+    """The original scripts' command line, plus --resume and config-key overrides.
+
+    Overrides come after --opts or as trailing positional words: `lr=1e-5 vit.depth=2`.
+    """
+    parser.add_argument("--config", default=default_config,
+                        help="YAML config file (default: %(default)s)")
+    parser.add_argument("--output_dir", default=default_output_dir,
+                        help="folder for checkpoints, logs and the config copy")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
+    parser.add_argument("--device", default=default_device(),
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--seed", default=42, type=int, help="base seed; each rank adds its rank")
+    parser.add_argument("--world_size", default=1, type=int,
+                        help="number of distributed processes (torchrun sets WORLD_SIZE)")
+    parser.add_argument("--dist_url", default="env://",
+                        help="url used to set up distributed training")
+    parser.add_argument("--distributed", default=True, type=str2bool,
+                        help="true/false; init_distributed_mode sets it from the environment")
+    parser.add_argument("--resume", "--checkpoint", dest="resume", default="",
+                        help="checkpoint to resume training from (pretrain.py's --checkpoint)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --opts init_lr=1e-5 vit_grad_ckpt=false")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, same as --opts")
+    return parser
+
+
+def parse_args_and_config(description, default_config, default_output_dir="output",
+                          defaults=None, argv=None, add_args=None):
+    """Parse the command line and load the config it names, overrides applied.
+
+    add_args: optional function(parser) adding script-specific arguments.
+    Returns (args, config); args.overrides holds every override given. Writes nothing:
+    call save_config(config, args.output_dir) on the main process.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_common_args(parser, default_config, default_output_dir)
+    if add_args is not None:
+        add_args(parser)
+    args = parser.parse_intermixed_args(argv)
+    args.overrides = list(args.opts) + list(args.overrides)
+    for override in args.overrides:
+        if "=" not in override:
+            parser.error(f"config override {override!r} must look like key=value")
+    if args.config is None:
+        parser.error("--config is required")
+    try:
+        config = load_config(args.config, args.overrides, defaults=defaults)
+    except ConfigError as e:
+        parser.error(str(e))
+    return args, config
