@@ -568,7 +568,7 @@ def add_common_args(parser, default_config=None, default_output_dir="output"):
                         help="number of distributed processes (torchrun sets WORLD_SIZE)")
     parser.add_argument("--dist_url", default="env://",
                         help="url used to set up distributed training")
-    parser.add_argument("--distributed", default=True, type=str2bool,
+    parser.add_argument("--distributed", default=True, type=str2bool, metavar="{true,false}",
                         help="true/false; init_distributed_mode sets it from the environment")
     parser.add_argument("--resume", "--checkpoint", dest="resume", default="",
                         help="checkpoint to resume training from (pretrain.py's --checkpoint)")

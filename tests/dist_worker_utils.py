@@ -4,7 +4,6 @@ Exercises utils' distributed helpers under a real gloo process group and writes 
 saw to <out_dir>/rank<k>.json; the test process checks the values.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
