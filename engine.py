@@ -1,0 +1,433 @@
+"""The training machinery every BLIP task script shares.
+
+A task script (train_retrieval.py, train_caption.py, ...) reads like the task: data, model,
+epoch loop, evaluation, logging. Everything around that lives here:
+
+- command line and config: the original's arguments plus `--resume` and `KEY=VALUE`
+  overrides, the engine's config keys with defaults that reproduce the original, checks
+  that fail before any training starts (`parse_args_and_config`, `check_paths`);
+- set-up: distributed mode (only under torchrun), device, seeding with seed + rank (`setup`);
+- the model: DDP only when a process group exists (`wrap_model`), activation
+  checkpointing of the text layers (`set_text_grad_checkpointing`);
+- one training epoch (`train_one_epoch`): mixed precision (`amp`), gradient accumulation
+  (`accum_steps`, no DDP gradient sync on the non-final micro-steps), optional clipping
+  (`clip_grad_norm`), a stop on a NaN/Inf loss, progress with ETA;
+- checkpoints: `checkpoint_best.pth` in the original's format (`save_model`),
+  `checkpoint_last.pth` every epoch with everything needed to continue
+  (`save_last_checkpoint`, `resume`), written atomically; `log.txt` / `evaluate.txt` JSON
+  lines (`log_json`).
+
+Resume works at epoch granularity: a run killed mid-epoch restarts that epoch from the
+state saved at the end of the previous one (model, optimizer, scaler, counters, best metric,
+RNG states), so it continues as the uninterrupted run would have.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import utils
+
+# New config keys. Their defaults reproduce the original scripts, so official configs run
+# unchanged; they are passed to utils.load_config as `defaults`, so overriding them from the
+# command line is allowed.
+ENGINE_DEFAULTS = {
+    'amp': 'none',            # 'bf16' | 'fp16' | 'none' (float32, as the original)
+    'accum_steps': 1,         # micro-batches per optimizer step (global batch = bs * world * accum)
+    'clip_grad_norm': None,   # max global gradient norm; None: no clipping (the original)
+    'text_grad_ckpt': False,  # activation checkpointing of the text transformer layers
+    'num_workers': 4,         # data loader workers per split (the original's value)
+}
+AMP_MODES = ('none', 'bf16', 'fp16')
+
+LAST_CHECKPOINT = 'checkpoint_last.pth'
+BEST_CHECKPOINT = 'checkpoint_best.pth'
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite: the run stops before the optimizer step."""
+
+
+# --------------------------------------------------------------------------- command line
+
+def _add_engine_args(parser):
+    parser.add_argument('--no_auto_resume', action='store_true',
+                        help=f'do not continue from {LAST_CHECKPOINT} in --output_dir')
+
+
+def parse_args_and_config(description, default_config, default_output_dir, defaults=None,
+                          required=(), known=None, argv=None, add_args=None):
+    """The original's command line plus --resume and config overrides; returns (args, config).
+
+    Arguments (utils.add_common_args): --config, --output_dir, --evaluate, --device, --seed,
+    --world_size, --dist_url, --distributed, --resume (alias --checkpoint), --no_auto_resume,
+    and KEY=VALUE / a.b.c=VALUE overrides (trailing words or after --opts).
+    defaults: the task's optional config keys with the values that reproduce the original
+        (merged with ENGINE_DEFAULTS under the file's values; overrides of them are allowed).
+    required: keys the task reads that have no default (a missing one is an error naming it).
+    known: when given, every key of the file must be in known, required or the defaults.
+    add_args(parser): script-specific arguments.
+    """
+    all_defaults = {**ENGINE_DEFAULTS, **(defaults or {})}
+
+    def add_all_args(parser):
+        _add_engine_args(parser)
+        if add_args is not None:
+            add_args(parser)
+
+    args, config = utils.parse_args_and_config(description, default_config, default_output_dir,
+                                               defaults=all_defaults, argv=argv, add_args=add_all_args)
+    check_config(config, args.config, required, known, all_defaults)
+    return args, config
+
+
+def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS):
+    """Missing required keys, unknown keys (when `known` is given) and engine values."""
+    utils.require_keys(config, required, path)
+    if known is not None:
+        valid = set(known) | set(required) | set(defaults) | set(ENGINE_DEFAULTS)
+        unknown = sorted(set(config) - valid)
+        if unknown:
+            raise utils.ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                                    f"valid keys: {', '.join(sorted(valid))}")
+    if config['amp'] not in AMP_MODES:
+        raise utils.ConfigError(f"config file {path}: amp must be one of {', '.join(AMP_MODES)}; "
+                                f"got {config['amp']!r}")
+    accum = config['accum_steps']
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise utils.ConfigError(f'config file {path}: accum_steps must be an integer >= 1; got {accum!r}')
+    clip = config['clip_grad_norm']
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+        raise utils.ConfigError(f'config file {path}: clip_grad_norm must be a positive number '
+                                f'or null; got {clip!r}')
+
+
+# --------------------------------------------------------------------------- set-up
+
+def setup(args, config):
+    """Distributed mode, device, seeds and the config copy, in the original's order; returns the device.
+
+    Fails before any work for a --resume file that does not exist or a CUDA device that is
+    not there. Under torchrun each rank gets its own GPU (LOCAL_RANK).
+    """
+    if args.resume and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f'--resume: checkpoint {args.resume!r} does not exist')
+    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
+        raise RuntimeError(f'--device {args.device}: CUDA is not available here; use --device cpu')
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and args.distributed:
+        device = torch.device('cuda', args.gpu)
+
+    # fix the seed for reproducibility (each rank its own stream, as the original)
+    utils.set_seed(args.seed + utils.get_rank())
+    torch.backends.cudnn.benchmark = True
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    if utils.is_main_process():
+        utils.save_config(config, args.output_dir)
+    return device
+
+
+def is_url(value):
+    return isinstance(value, str) and value.startswith(('http://', 'https://'))
+
+
+def check_paths(config, config_path, dirs=(), files=()):
+    """Fail before any work for a data folder or checkpoint file that does not exist.
+
+    dirs: keys naming folders (image_root, ...); files: keys naming checkpoint files
+    (pretrained, ...). Empty values are skipped; URLs are left to the model's downloader.
+    """
+    for key in dirs:
+        path = config.get(key)
+        if path and not os.path.isdir(path):
+            raise FileNotFoundError(f'{config_path}: {key}: data folder {path!r} does not exist')
+    for key in files:
+        path = config.get(key)
+        if path and not is_url(path) and not os.path.isfile(path):
+            raise FileNotFoundError(f'{config_path}: {key}: checkpoint {path!r} does not exist')
+
+
+# --------------------------------------------------------------------------- model
+
+def wrap_model(model, args, find_unused_parameters=False):
+    """(model, model_without_ddp): DDP only when a process group exists."""
+    if not utils.is_dist_avail_and_initialized():
+        return model, model
+    device_ids = [args.gpu] if next(model.parameters()).is_cuda else None
+    ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                  find_unused_parameters=find_unused_parameters)
+    return ddp, model
+
+
+def set_text_grad_checkpointing(model, enabled=True):
+    """Turn activation checkpointing of the text transformer layers on or off.
+
+    The text stacks (models/med.py, nlvr_encoder.py) carry the `gradient_checkpointing` flag
+    of transformers' encoders; the visual encoder has its own switch (vit_grad_ckpt) set at
+    construction, so it is left alone. Returns the number of stacks changed.
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        if name.startswith('visual_encoder'):
+            continue
+        if isinstance(getattr(module, 'gradient_checkpointing', None), bool):
+            module.gradient_checkpointing = enabled
+            changed += 1
+    if enabled and changed == 0:
+        raise ValueError(f'text_grad_ckpt: {type(model).__name__} has no text layers that '
+                         f'support activation checkpointing')
+    return changed
+
+
+# --------------------------------------------------------------------------- precision
+
+def autocast(config, device):
+    """The autocast context the config asks for (a no-op for amp: none)."""
+    amp = config.get('amp', 'none')
+    if amp == 'none':
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(config, device):
+    """A GradScaler, enabled for fp16 on CUDA only (bf16 and float32 need none)."""
+    enabled = config.get('amp', 'none') == 'fp16' and device.type == 'cuda'
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+# --------------------------------------------------------------------------- training
+
+@dataclass
+class TrainState:
+    """Counters that survive a restart (stored in checkpoint_last.pth)."""
+    start_epoch: int = 0     # the next epoch to run
+    global_step: int = 0     # optimizer steps taken so far
+    best: float = 0.0        # best validation metric so far (what the task compares)
+    best_epoch: int = 0
+
+
+def set_epoch(data_loader, epoch):
+    """Reshuffle a distributed sampler for this epoch (no-op for other samplers)."""
+    sampler = getattr(data_loader, 'sampler', None)
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+
+
+def _check_finite(loss_values, epoch, i, global_step):
+    for name, value in loss_values.items():
+        if not math.isfinite(value):
+            message = (f'{name} is {value} at epoch {epoch}, iteration {i} (after {global_step} '
+                       f'optimizer steps): stopping before the optimizer step. Checkpoints '
+                       f'already written were left as they were; lower the learning rate or '
+                       f'use amp=bf16/none, then rerun to continue from {LAST_CHECKPOINT}.')
+            print(message, flush=True)
+            raise NonFiniteLossError(message)
+
+
+def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_fn, *,
+                    scaler=None, state=None, lr_fn=None, header=None, print_freq=50,
+                    window_size=1, stats_fmt='{:.3f}'):
+    """Train one epoch; return the averaged meters as the original's strings.
+
+    loss_fn(model, batch, epoch, i, num_iters) -> dict of named scalar losses; the engine
+        sums them, scales for accumulation and backpropagates (i: micro-batch index).
+    lr_fn(step): called before each optimizer step with the step index within the epoch
+        (the original's per-iteration warm-up); per-epoch schedules stay in the script.
+    state: TrainState whose global_step is advanced.
+    """
+    model.train()
+    accum_steps = config.get('accum_steps', 1)
+    clip = config.get('clip_grad_norm')
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+    state = state if state is not None else TrainState()
+    is_ddp = isinstance(model, DistributedDataParallel)
+
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=window_size, fmt='{value:.6f}'))
+    header = header or f'Train Epoch: [{epoch}]'
+    num_iters = len(data_loader)
+
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        # micro-batches are grouped into optimizer steps; a short last group is averaged over
+        # its own size, so every step sees the mean gradient of the samples it covers
+        group_start = i - i % accum_steps
+        group_size = min(accum_steps, num_iters - group_start)
+        is_step = i == group_start + group_size - 1
+        if lr_fn is not None and i == group_start:
+            lr_fn(i // accum_steps)
+
+        # gradients are all-reduced only on the micro-batch that ends an optimizer step
+        sync = model.no_sync() if (is_ddp and not is_step) else contextlib.nullcontext()
+        with sync:
+            with autocast(config, device):
+                losses = loss_fn(model, batch, epoch, i, num_iters)
+            loss = sum(losses.values())
+            scaler.scale(loss / group_size).backward()
+
+        loss_values = {name: value.item() for name, value in losses.items()}
+        _check_finite(loss_values, epoch, i, state.global_step)
+
+        if is_step:
+            if clip is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                metric_logger.update(grad_norm=grad_norm.item())
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+
+        for name in loss_values:
+            if name not in metric_logger.meters:
+                metric_logger.add_meter(name, utils.SmoothedValue(window_size=window_size, fmt='{value:.4f}'))
+        metric_logger.update(**loss_values)
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    print('Averaged stats:', metric_logger.global_avg())
+    return {k: stats_fmt.format(meter.global_avg) for k, meter in metric_logger.meters.items()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _rng_state():
+    """This process's RNG states in plain types (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': (kind, keys.tolist(), pos, has_gauss, cached),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _gather_rng_states():
+    """Every rank's RNG states, indexed by rank (a collective under DDP)."""
+    own = _rng_state()
+    if not utils.is_dist_avail_and_initialized():
+        return [own]
+    states = [None] * utils.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def save_model(path, model_without_ddp, optimizer, config, epoch):
+    """The original's checkpoint ({'model', 'optimizer', 'config', 'epoch'}), atomically, main only."""
+    if utils.is_main_process():
+        utils.save_checkpoint({
+            'model': model_without_ddp.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'config': config,
+            'epoch': epoch,
+        }, path)
+
+
+def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, config, epoch, state):
+    """Write checkpoint_last.pth for a finished epoch. Call on every rank (gathers RNG states).
+
+    Holds model (queues are buffers, so they are in it), optimizer, scaler, epoch, global
+    step, best metric and epoch, every rank's RNG states (python, numpy, torch, cuda) and
+    the config. `model` / `epoch` keep the original layout, so it also loads as `pretrained`.
+    """
+    rng_states = _gather_rng_states()
+    if utils.is_main_process():
+        utils.save_checkpoint({
+            'model': model_without_ddp.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict() if scaler is not None else None,
+            'config': config,
+            'epoch': epoch,
+            'global_step': state.global_step,
+            'best': state.best,
+            'best_epoch': state.best_epoch,
+            'rng_states': rng_states,
+        }, os.path.join(output_dir, LAST_CHECKPOINT))
+    utils.barrier()
+
+
+def find_resume_checkpoint(args):
+    """--resume, else the output folder's checkpoint_last.pth when present (training only)."""
+    if args.resume:
+        return args.resume
+    if args.evaluate or getattr(args, 'no_auto_resume', False):
+        return ''
+    path = os.path.join(args.output_dir, LAST_CHECKPOINT)
+    return path if os.path.isfile(path) else ''
+
+
+def resume(args, model_without_ddp, optimizer=None, scaler=None):
+    """Continue from --resume or the output folder's last checkpoint; returns a TrainState.
+
+    Call after building model and optimizer, right before the epoch loop (the RNG states
+    are restored last, so the next epoch draws what the uninterrupted run would have).
+    With --evaluate only the model weights are loaded.
+    """
+    path = find_resume_checkpoint(args)
+    if not path:
+        return TrainState()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist')
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    model_without_ddp.load_state_dict(checkpoint['model'])
+    if args.evaluate:
+        print(f'loaded model weights from {path} (epoch {checkpoint["epoch"]})')
+        return TrainState()
+    missing = [k for k in ('optimizer', 'global_step', 'rng_states') if k not in checkpoint]
+    if missing:
+        raise ValueError(f'--resume: {path} is not a {LAST_CHECKPOINT} (no {", ".join(missing)}); '
+                         f'to start from its weights, set pretrained={path}')
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if scaler is not None and checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    rng_states = checkpoint['rng_states']
+    rank = utils.get_rank()
+    if len(rng_states) == utils.get_world_size():
+        _set_rng_state(rng_states[rank])
+    else:
+        print(f'resume: {path} was written by {len(rng_states)} process(es), this run has '
+              f'{utils.get_world_size()}: RNG states not restored (seeds from --seed)')
+    state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint['global_step'],
+                       best=checkpoint['best'], best_epoch=checkpoint['best_epoch'])
+    print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
+          f'steps; continuing at epoch {state.start_epoch}')
+    return state
+
+
+# --------------------------------------------------------------------------- logging
+
+def log_json(output_dir, stats, filename='log.txt'):
+    """Append one JSON line to output_dir/filename (main process only), as the original."""
+    if utils.is_main_process():
+        with open(os.path.join(output_dir, filename), 'a') as f:
+            f.write(json.dumps(stats) + '\n')
+
+
+def end_epoch(device):
+    """What the original does between epochs (a barrier only when a group exists)."""
+    utils.barrier()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()

@@ -1,0 +1,370 @@
+"""The shared training engine (engine.py) on a toy model: accumulation, mixed precision,
+NaN stop, checkpoints, resume, and a run killed with SIGKILL that continues where it stopped."""
+import copy
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import REPO
+
+import engine
+import utils
+
+sys.path.insert(0, str(REPO / 'tests'))
+import engine_toy_task as toy  # noqa: E402
+
+CPU = torch.device('cpu')
+TOY_SCRIPT = REPO / 'tests' / 'engine_toy_task.py'
+
+
+def write_toy_config(path, **values):
+    config = {'batch_size_train': 8, 'init_lr': 1e-2, 'min_lr': 1e-3, 'weight_decay': 0.05,
+              'max_epoch': 3, **values}
+    path.write_text(''.join(f'{k}: {v}\n' for k, v in config.items()))
+    return path
+
+
+def toy_argv(config_path, output_dir, *overrides):
+    return ['--config', str(config_path), '--output_dir', str(output_dir), '--device', 'cpu',
+            '--seed', '7', *overrides]
+
+
+def linear_setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(24, 6), torch.randn(24, 2)
+    return model, TensorDataset(x, y)
+
+
+def mse_loss_fn(model, batch, epoch, i, num_iters):
+    x, y = batch
+    return {'loss': F.mse_loss(model(x).float(), y)}
+
+
+def one_epoch(model, dataset, batch_size, accum_steps, optimizer_cls=torch.optim.SGD, **kw):
+    optimizer = optimizer_cls(model.parameters(), lr=0.1)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    state = engine.TrainState()
+    config = {**engine.ENGINE_DEFAULTS, 'accum_steps': accum_steps, **kw.pop('config', {})}
+    stats = engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, mse_loss_fn,
+                                   state=state, **kw)
+    return stats, state
+
+
+# --------------------------------------------------------------------------- accumulation
+
+@pytest.mark.parametrize('optimizer_cls', [torch.optim.SGD, torch.optim.AdamW])
+def test_accumulation_equals_one_big_batch(optimizer_cls):
+    model, dataset = linear_setup()
+    big = copy.deepcopy(model)
+    _, state_small = one_epoch(model, dataset, batch_size=6, accum_steps=4, optimizer_cls=optimizer_cls)
+    _, state_big = one_epoch(big, dataset, batch_size=24, accum_steps=1, optimizer_cls=optimizer_cls)
+    assert state_small.global_step == state_big.global_step == 1
+    for (name, p), q in zip(model.named_parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_short_last_group_is_averaged_over_its_size():
+    # 4 micro-batches with accum_steps=3: one step over 3 batches, one over the last batch
+    model, dataset = linear_setup()
+    reference = copy.deepcopy(model)
+    _, state = one_epoch(model, dataset, batch_size=6, accum_steps=3)
+    assert state.global_step == 2
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    x, y = dataset.tensors
+    for part in (slice(0, 18), slice(18, 24)):
+        optimizer.zero_grad()
+        F.mse_loss(reference(x[part]), y[part]).backward()
+        optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_syncs_only_on_the_optimizer_step(single_process_group):
+    model, dataset = linear_setup()
+    reference = copy.deepcopy(model)
+    ddp, inner = engine.wrap_model(model, Namespace(gpu=None))
+    assert isinstance(ddp, nn.parallel.DistributedDataParallel) and inner is model
+
+    no_sync_calls = []
+    original_no_sync = ddp.no_sync
+
+    def counting_no_sync():
+        no_sync_calls.append(1)
+        return original_no_sync()
+    ddp.no_sync = counting_no_sync
+
+    _, state = one_epoch(ddp, dataset, batch_size=6, accum_steps=4)
+    assert state.global_step == 1
+    assert len(no_sync_calls) == 3  # micro-steps 0, 1, 2 skip the all-reduce; 3 syncs
+    one_epoch(reference, dataset, batch_size=24, accum_steps=1)
+    for p, q in zip(inner.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_without_process_group_the_model_is_not_wrapped():
+    model, _ = linear_setup()
+    wrapped, inner = engine.wrap_model(model, Namespace(gpu=None))
+    assert wrapped is model and inner is model
+
+
+# --------------------------------------------------------------------------- precision
+
+@pytest.mark.parametrize('amp,dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16),
+                                       ('none', torch.float32)])
+def test_autocast_paths_on_cpu(amp, dtype):
+    model, dataset = linear_setup()
+    seen = []
+
+    def loss_fn(model, batch, epoch, i, num_iters):
+        x, y = batch
+        out = model(x)
+        seen.append(out.dtype)
+        return {'loss': F.mse_loss(out.float(), y)}
+
+    config = {**engine.ENGINE_DEFAULTS, 'amp': amp}
+    scaler = engine.make_grad_scaler(config, CPU)
+    assert not scaler.is_enabled()  # a GradScaler only for fp16 on CUDA
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(dataset, batch_size=8)
+    stats = engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, loss_fn, scaler=scaler)
+    assert set(seen) == {dtype}
+    assert np.isfinite(float(stats['loss']))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fp16_with_an_enabled_scaler_and_clipping():
+    # the scaler path (scale, unscale before clipping, step, update) with a CPU GradScaler
+    model, dataset = linear_setup()
+    reference = copy.deepcopy(model)
+    config = {**engine.ENGINE_DEFAULTS, 'amp': 'fp16', 'clip_grad_norm': 0.05}
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = engine.train_one_epoch(model, DataLoader(dataset, batch_size=24), optimizer, 0, CPU,
+                                   config, mse_loss_fn, scaler=scaler)
+    assert 'grad_norm' in stats and float(stats['grad_norm']) > 0.05
+
+    # the same step in float32 by hand: clipped to norm 0.05; fp16 forward differs slightly
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    x, y = dataset.tensors
+    F.mse_loss(reference(x), y).backward()
+    total = nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+    assert abs(total.item() - float(stats['grad_norm'])) < 1e-2 * total.item()
+    ref_optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-4, rtol=1e-3)
+
+
+def test_engine_config_is_checked(tmp_path):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    for override, message in [('amp=fp32', 'amp must be one of'), ('accum_steps=0', 'accum_steps'),
+                              ('clip_grad_norm=-1', 'clip_grad_norm')]:
+        with pytest.raises(utils.ConfigError, match=message):
+            toy.run(toy_argv(config_path, tmp_path / 'out', override))
+    assert not (tmp_path / 'out').exists()
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_unknown_override_key_fails_before_training(tmp_path, capsys):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    with pytest.raises(SystemExit):
+        toy.run(toy_argv(config_path, tmp_path / 'out', 'init_lrr=0.1'))
+    assert "unknown config key 'init_lrr'" in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_engine_keys_may_be_overridden_and_options_mix_with_overrides(tmp_path):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    args, config = engine.parse_args_and_config(
+        'toy', 'unused.yaml', 'out', defaults=toy.TOY_DEFAULTS,
+        argv=['amp=bf16', '--config', str(config_path), 'init_lr=0.5', '--evaluate',
+              '--opts', 'accum_steps=4'])
+    assert config['amp'] == 'bf16' and config['accum_steps'] == 4 and config['init_lr'] == 0.5
+    assert config['clip_grad_norm'] is None and config['text_grad_ckpt'] is False
+    assert args.evaluate and not args.no_auto_resume and args.resume == ''
+
+
+def test_unknown_file_key_and_missing_key(tmp_path):
+    with pytest.raises(utils.ConfigError, match='unknown key.*max_epochs'):
+        toy.run(toy_argv(write_toy_config(tmp_path / 'a.yaml', max_epochs=3), tmp_path / 'out'))
+    (tmp_path / 'b.yaml').write_text('batch_size_train: 8\ninit_lr: 0.1\n')
+    with pytest.raises(utils.ConfigError, match="missing required key 'min_lr'"):
+        toy.run(toy_argv(tmp_path / 'b.yaml', tmp_path / 'out'))
+
+
+def test_missing_config_resume_data_and_checkpoint_paths(tmp_path, capsys):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    with pytest.raises(SystemExit):
+        toy.run(toy_argv(tmp_path / 'nope.yaml', tmp_path / 'out'))
+    assert 'nope.yaml' in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match='--resume.*missing.pth'):
+        toy.run(toy_argv(config_path, tmp_path / 'out', '--resume', str(tmp_path / 'missing.pth')))
+    config = {'image_root': str(tmp_path / 'images'), 'pretrained': str(tmp_path / 'model.pth')}
+    with pytest.raises(FileNotFoundError, match='image_root.*images'):
+        engine.check_paths(config, 'c.yaml', dirs=['image_root'])
+    with pytest.raises(FileNotFoundError, match='pretrained.*model.pth'):
+        engine.check_paths(config, 'c.yaml', files=['pretrained'])
+    engine.check_paths({'pretrained': 'https://example.com/m.pth', 'image_root': str(tmp_path)},
+                       'c.yaml', dirs=['image_root'], files=['pretrained'])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def file_digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nan_loss_stops_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+    config_path = write_toy_config(tmp_path / 'toy.yaml', nan_at=[1, 2])
+    out = tmp_path / 'out'
+    last = out / engine.LAST_CHECKPOINT
+    digests = []
+    real_save = utils.save_checkpoint
+
+    def recording_save(obj, path):
+        real_save(obj, path)
+        if os.path.basename(path) == engine.LAST_CHECKPOINT:
+            digests.append(file_digest(last))
+    monkeypatch.setattr(utils, 'save_checkpoint', recording_save)
+
+    with pytest.raises(engine.NonFiniteLossError, match=r'loss_mse is nan at epoch 1, iteration 2'):
+        toy.run(toy_argv(config_path, out))
+    assert len(digests) == 1 and file_digest(last) == digests[0]
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint['model'].values() if v.is_floating_point())
+    assert len((out / 'log.txt').read_text().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ['checkpoint_best.pth', 'checkpoint_last.pth',
+                                                     'config.yaml', 'log.txt']
+
+
+def rng_draws():
+    return torch.rand(4), np.random.rand(4), random.random()
+
+
+def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = toy.ToyModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = DataLoader(toy.make_data(32), batch_size=8, shuffle=True)
+    config = {**engine.ENGINE_DEFAULTS, 'max_epoch': 2}
+    state = engine.TrainState()
+    engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, toy.make_loss_fn(
+        {'pause_at': None, 'nan_at': None}, tmp_path), state=state)
+    state.best, state.best_epoch = 0.5, 0
+    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, state)
+    expected_draws = rng_draws()
+
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    fresh = toy.ToyModel()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    args = Namespace(resume='', evaluate=False, no_auto_resume=False, output_dir=str(tmp_path))
+    restored = engine.resume(args, fresh, fresh_optimizer)
+
+    assert restored == engine.TrainState(start_epoch=1, global_step=4, best=0.5, best_epoch=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    assert fresh.seen.item() == 32
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert saved['param_groups'] == loaded['param_groups']
+    for index, values in saved['state'].items():
+        for name, tensor in values.items():
+            assert torch.equal(tensor, loaded['state'][index][name]), (index, name)
+    for expected, got in zip(expected_draws, rng_draws()):
+        np.testing.assert_array_equal(np.asarray(expected), np.asarray(got))
+
+
+def test_no_resume_when_evaluating_or_disabled(tmp_path):
+    (tmp_path / engine.LAST_CHECKPOINT).write_bytes(b'')
+    base = dict(resume='', output_dir=str(tmp_path))
+    assert engine.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=False))
+    assert not engine.find_resume_checkpoint(Namespace(**base, evaluate=True, no_auto_resume=False))
+    assert not engine.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=True))
+
+
+def test_last_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    model = toy.ToyModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = dict(engine.ENGINE_DEFAULTS)
+    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, engine.TrainState())
+    last = tmp_path / engine.LAST_CHECKPOINT
+    before = file_digest(last)
+
+    def crashing_save(obj, f, *args, **kwargs):  # dies half-way through writing
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, 'wb') as handle:
+                handle.write(b'PK\x03\x04 half a checkpoint')
+        else:
+            f.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError('No space left on device')
+    monkeypatch.setattr(torch, 'save', crashing_save)
+    with pytest.raises(OSError, match='No space left'):
+        engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+    monkeypatch.undo()
+
+    assert file_digest(last) == before
+    assert torch.load(last, weights_only=True)['epoch'] == 0
+    assert [p.name for p in tmp_path.iterdir()] == [engine.LAST_CHECKPOINT]
+
+
+def test_sigkill_mid_epoch_then_resume_continues(tmp_path):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+
+    # the uninterrupted run, in this process
+    reference = toy.run(toy_argv(config_path, tmp_path / 'reference'))
+
+    # the same run in a subprocess, killed in the middle of epoch 1 ...
+    out = tmp_path / 'killed'
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    command = [sys.executable, str(TOY_SCRIPT), *toy_argv(config_path, out)]
+    process = subprocess.Popen(command + ['pause_at=[1, 2]'], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / 'paused').exists():
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, 'the toy run never reached epoch 1'
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)['epoch'] == 0
+
+    # ... and restarted: it resumes from the end of epoch 0 and finishes as the reference did
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'continuing at epoch 1' in result.stdout
+    final = torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)
+    assert final['epoch'] == 2 and final['global_step'] == 3 * 6
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, final['model'][key]), key
+    log_lines = (out / 'log.txt').read_text().splitlines()
+    assert log_lines == (tmp_path / 'reference' / 'log.txt').read_text().splitlines()
