@@ -1,0 +1,124 @@
+"""COCO (Karpathy split): captioning / retrieval training, caption and retrieval evaluation.
+
+Annotation files (in ann_root, downloaded from the original's URLs when missing):
+- coco_karpathy_train.json: [{"image": "val2014/COCO_val2014_000000391895.jpg",
+  "caption": str, "image_id": "coco_391895"}, ...], one entry per caption;
+- coco_karpathy_{val,test}.json: [{"image": ..., "caption": [str, ...]}, ...], one entry
+  per image. Image paths are relative to image_root.
+"""
+import os
+
+from torch.utils.data import Dataset
+
+from data.utils import DataError, fetch_annotation, load_image, load_json_list, pre_caption
+
+EVAL_FILES = {"val": "coco_karpathy_val.json", "test": "coco_karpathy_test.json"}
+
+
+def _eval_file(split):
+    if split not in EVAL_FILES:
+        raise ValueError(f"split must be one of {sorted(EVAL_FILES)}, got {split!r}")
+    return EVAL_FILES[split]
+
+
+def coco_image_id(image_path):
+    """Numeric COCO id from a file name, parsed exactly as the original does.
+
+    'val2014/COCO_val2014_000000391895.jpg' -> 391895. (The original strips the
+    characters '.', 'j', 'p', 'g' from both ends, then takes the last '_' field.)
+    """
+    return int(image_path.split("/")[-1].strip(".jpg").split("_")[-1])
+
+
+class coco_karpathy_train(Dataset):
+    """Items (image, prompt + caption, img_idx): img_idx numbers the distinct image_ids
+    in order of first appearance (the positive-pair index of the retrieval ITC loss)."""
+
+    def __init__(self, transform, image_root, ann_root, max_words=30, prompt=""):
+        self.ann_file = fetch_annotation(ann_root, "coco_karpathy_train.json")
+        self.annotation = load_json_list(
+            self.ann_file, {"image": str, "caption": str, "image_id": (str, int)})
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+        self.prompt = prompt
+
+        self.img_ids = {}
+        for ann in self.annotation:
+            self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
+
+    def __len__(self):
+        return len(self.annotation)
+
+    def __getitem__(self, index):
+        ann = self.annotation[index]
+        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
+        image = self.transform(image)
+        caption = self.prompt + pre_caption(ann["caption"], self.max_words)
+        return image, caption, self.img_ids[ann["image_id"]]
+
+
+class coco_karpathy_caption_eval(Dataset):
+    """Items (image, int(coco image id)); the id is parsed from the file name."""
+
+    def __init__(self, transform, image_root, ann_root, split):
+        self.ann_file = fetch_annotation(ann_root, _eval_file(split))
+        self.annotation = load_json_list(self.ann_file, {"image": str})
+        self.transform = transform
+        self.image_root = image_root
+        # Parse every id now, so a file name without a numeric id fails at load time.
+        self.img_ids = []
+        for index, ann in enumerate(self.annotation):
+            try:
+                self.img_ids.append(coco_image_id(ann["image"]))
+            except ValueError as error:
+                raise DataError(f"{self.ann_file}: entry {index}: cannot parse a numeric "
+                                f"COCO image id from {ann['image']!r} (expected names like "
+                                f"COCO_val2014_000000391895.jpg)") from error
+
+    def __len__(self):
+        return len(self.annotation)
+
+    def __getitem__(self, index):
+        ann = self.annotation[index]
+        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
+        return self.transform(image), self.img_ids[index]
+
+
+class retrieval_eval_dataset(Dataset):
+    """Image-text retrieval evaluation: items (image, index) plus the text side.
+
+    .text: every caption (pre_caption'd), .image: image paths, .txt2img[text_id] ->
+    image index, .img2txt[image index] -> list of text ids, as the original builds them.
+    """
+
+    def __init__(self, transform, image_root, ann_file, max_words=30):
+        self.ann_file = ann_file
+        self.annotation = load_json_list(ann_file, {"image": str, "caption": list})
+        self.transform = transform
+        self.image_root = image_root
+
+        self.text, self.image = [], []
+        self.txt2img, self.img2txt = {}, {}
+        for img_id, ann in enumerate(self.annotation):
+            self.image.append(ann["image"])
+            self.img2txt[img_id] = []
+            for caption in ann["caption"]:
+                txt_id = len(self.text)
+                self.text.append(pre_caption(caption, max_words))
+                self.img2txt[img_id].append(txt_id)
+                self.txt2img[txt_id] = img_id
+
+    def __len__(self):
+        return len(self.annotation)
+
+    def __getitem__(self, index):
+        path = os.path.join(self.image_root, self.annotation[index]["image"])
+        image = load_image(path, self.ann_file, index)
+        return self.transform(image), index
+
+
+class coco_karpathy_retrieval_eval(retrieval_eval_dataset):
+    def __init__(self, transform, image_root, ann_root, split, max_words=30):
+        ann_file = fetch_annotation(ann_root, _eval_file(split))
+        super().__init__(transform, image_root, ann_file, max_words)

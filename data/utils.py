@@ -1,0 +1,415 @@
+"""Text preprocessing, annotation I/O, result merging and caption metrics.
+
+- `pre_caption` / `pre_question`: the original BLIP text normalisation, unchanged.
+- Annotation files: `fetch_annotation(ann_root, filename)` downloads a file the original
+  release hosts (URL table `ANNOTATION_URLS`) when it is missing; `load_json_list` and
+  `load_jsonl` read and validate them so that bad input fails at load time with the file
+  and entry index named (`DataError`).
+- `save_result`: per-rank result files merged on rank 0 (atomic writes, works with or
+  without a process group).
+- `coco_caption_eval` / `caption_eval`: BLEU-1..4, METEOR, ROUGE-L, CIDEr with
+  pycocoevalcap's scorers; SPICE only when its Stanford CoreNLP jars are present.
+"""
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+
+from PIL import Image
+
+from utils import barrier, get_rank, get_world_size
+
+
+class DataError(RuntimeError):
+    """Bad or missing input data: the message names the file (and the entry index)."""
+
+
+# --------------------------------------------------------------------------------------
+# Text preprocessing (identical behaviour to the original data/utils.py)
+# --------------------------------------------------------------------------------------
+
+_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+_MULTI_SPACE = re.compile(r"\s{2,}")
+
+
+def pre_caption(caption, max_words=50):
+    """Lower-case, punctuation to spaces, collapse whitespace, keep the first max_words."""
+    caption = _PUNCTUATION.sub(" ", caption.lower())
+    caption = _MULTI_SPACE.sub(" ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def pre_question(question, max_ques_words=50):
+    """Lower-case, drop punctuation (no whitespace collapsing), keep max_ques_words words."""
+    question = _PUNCTUATION.sub("", question.lower())
+    question = question.rstrip(" ")
+    words = question.split(" ")
+    if len(words) > max_ques_words:
+        question = " ".join(words[:max_ques_words])
+    return question
+
+
+# --------------------------------------------------------------------------------------
+# Annotation download (the original's URLs; torchvision's download_url replaced by an
+# atomic urllib download with a clear offline error)
+# --------------------------------------------------------------------------------------
+
+_GCS = "https://storage.googleapis.com/sfr-vision-language-research/datasets/"
+ANNOTATION_URLS = {
+    name: _GCS + name
+    for name in (
+        "coco_karpathy_train.json", "coco_karpathy_val.json", "coco_karpathy_test.json",
+        "coco_karpathy_val_gt.json", "coco_karpathy_test_gt.json",
+        "flickr30k_train.json", "flickr30k_val.json", "flickr30k_test.json",
+        "vqa_train.json", "vqa_val.json", "vg_qa.json", "vqa_test.json", "answer_list.json",
+        "nlvr_train.json", "nlvr_dev.json", "nlvr_test.json",
+        "nocaps_val.json", "nocaps_test.json",
+        "msrvtt_test.jsonl",
+    )
+}
+
+_CHUNK = 1 << 20
+
+
+def _report(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def download_if_missing(url, path, timeout=60):
+    """Download url to path unless path exists. Returns path.
+
+    Writes to a temporary file in the same folder and renames it, so an interrupted
+    download (or several ranks downloading at once) never leaves a truncated file.
+    Raises DataError naming the file, the folder to put it in and the URL on failure.
+    """
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return path
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=folder)
+    _report(f"Downloading {url} -> {path}")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, next_report = 0, 0.1
+            while True:
+                chunk = response.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                done += len(chunk)
+                if total and done / total >= next_report:
+                    _report(f"  {name}: {done / 2**20:.1f} / {total / 2**20:.1f} MiB "
+                            f"({100 * done / total:.0f}%)")
+                    next_report += 0.1
+            if total and done != total:
+                raise OSError(f"connection closed after {done} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_path, path)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise DataError(
+            f"Annotation file '{name}' is missing from folder '{folder}' and could not be "
+            f"downloaded from {url} ({error}). Download it from that URL yourself and put it "
+            f"in '{folder}'.") from error
+    _report(f"  saved {name} ({done} bytes)")
+    return path
+
+
+def fetch_annotation(ann_root, filename):
+    """Path of ann_root/filename, downloaded from the original's URL when it is missing."""
+    path = os.path.join(ann_root, filename)
+    if os.path.isfile(path):
+        return path
+    url = ANNOTATION_URLS.get(filename)
+    if url is None:
+        raise DataError(f"Annotation file '{filename}' not found in folder '{ann_root}' "
+                        f"(no download URL is known for it).")
+    return download_if_missing(url, path)
+
+
+# --------------------------------------------------------------------------------------
+# Annotation reading and validation
+# --------------------------------------------------------------------------------------
+
+def _read_json(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as error:
+        raise DataError(f"Annotation file not found: {path}") from error
+    except json.JSONDecodeError as error:
+        raise DataError(f"Malformed annotation file {path}: {error.msg} at line "
+                        f"{error.lineno} column {error.colno}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"Cannot read annotation file {path}: {error}") from error
+
+
+def load_json(path):
+    """Any JSON document, with DataError naming the file on failure."""
+    return _read_json(path)
+
+
+def _type_name(types):
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def check_entries(entries, path, fields, start=0):
+    """Every entry is a dict with each field of `fields` {name: type or tuple of types}.
+
+    A field type `list` means a list of strings (captions, answers). Raises DataError
+    naming the file, the entry index and the field.
+    """
+    for index, entry in enumerate(entries, start):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: entry {index} should be a JSON object, "
+                            f"got {type(entry).__name__}")
+        for field, types in fields.items():
+            if field not in entry:
+                raise DataError(f"{path}: entry {index} has no required field '{field}' "
+                                f"(fields present: {sorted(entry)})")
+            value = entry[field]
+            # bool is an int subclass; an id of true/false is a mistake
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise DataError(f"{path}: entry {index} field '{field}' should be "
+                                f"{_type_name(types)}, got {type(value).__name__} {value!r:.60}")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise DataError(f"{path}: entry {index} field '{field}' should be a list "
+                                f"of strings, got {value!r:.80}")
+    return entries
+
+
+def load_json_list(path, fields):
+    """A JSON list of annotation entries, each checked with `check_entries`."""
+    entries = _read_json(path)
+    if not isinstance(entries, list):
+        raise DataError(f"Malformed annotation file {path}: expected a JSON list of entries, "
+                        f"got {type(entries).__name__}")
+    return check_entries(entries, path, fields)
+
+
+def load_jsonl(path, fields):
+    """One JSON object per line (blank lines skipped); entry index = line number - 1."""
+    entries = []
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError as error:
+        raise DataError(f"Annotation file not found: {path}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"Cannot read annotation file {path}: {error}") from error
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"Malformed annotation file {path}: line {line_number}: "
+                            f"{error.msg}") from error
+        check_entries([entry], path, fields, start=line_number - 1)
+        entries.append(entry)
+    return entries
+
+
+def load_image(image_path, ann_file, index):
+    """RGB PIL image; DataError naming the image, the annotation file and the entry."""
+    try:
+        with Image.open(image_path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise DataError(f"Image not found: {image_path} (entry {index} of {ann_file})") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"Cannot read image {image_path} (entry {index} of {ann_file}): "
+                        f"{error}") from error
+
+
+# --------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------
+
+def write_json_atomic(obj, path):
+    """json.dump to a temporary file in the same folder, fsync, then rename over path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                    dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def save_result(result, result_dir, filename, remove_duplicate=""):
+    """Merge every rank's `result` list into result_dir/filename.json; returns that path.
+
+    Each rank writes filename_rank{r}.json atomically, all ranks meet at a barrier, rank 0
+    concatenates the files in rank order, keeps the first entry per `remove_duplicate`
+    key (the DistributedSampler pads with repeated samples) and writes the final file
+    atomically; a second barrier makes the file visible to every rank on return.
+    Without a process group it is the same with one rank.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    final_file = os.path.join(result_dir, f"{filename}.json")
+    write_json_atomic(result, os.path.join(result_dir, "%s_rank%d.json" % (filename, rank)))
+    barrier()
+
+    if rank == 0:
+        merged = []
+        for r in range(world_size):
+            rank_file = os.path.join(result_dir, "%s_rank%d.json" % (filename, r))
+            part = _read_json(rank_file)
+            if not isinstance(part, list):
+                raise DataError(f"{rank_file}: expected a JSON list of results")
+            merged += part
+        if remove_duplicate:
+            seen, unique = set(), []
+            for index, item in enumerate(merged):
+                if remove_duplicate not in item:
+                    raise DataError(f"save_result: result {index} has no key "
+                                    f"'{remove_duplicate}' to remove duplicates by")
+                key = json.dumps(item[remove_duplicate], sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    unique.append(item)
+            merged = unique
+        write_json_atomic(merged, final_file)
+        print(f"result file saved to {final_file}")
+    barrier()
+    return final_file
+
+
+# --------------------------------------------------------------------------------------
+# Caption metrics
+# --------------------------------------------------------------------------------------
+
+_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def spice_available():
+    """SPICE needs java, its jar and the Stanford CoreNLP jars it otherwise downloads."""
+    try:
+        import pycocoevalcap.spice.spice as spice_module
+    except ImportError:
+        return False
+    spice_dir = os.path.dirname(os.path.abspath(spice_module.__file__))
+    needed = [os.path.join(spice_dir, spice_module.SPICE_JAR)]
+    needed += [os.path.join(spice_dir, "lib", jar) for jar in _CORENLP_JARS]
+    return shutil.which("java") is not None and all(os.path.isfile(p) for p in needed)
+
+
+def caption_eval(gt_file, results_file, use_spice=None):
+    """Score a results file [{image_id, caption}] against COCO-format ground truth.
+
+    Returns a pycocoevalcap COCOEvalCap whose `.eval` maps Bleu_1..Bleu_4, METEOR,
+    ROUGE_L, CIDEr (and SPICE when available) to scores, with `.imgToEval` per image,
+    as the original's `coco_eval.evaluate()` leaves it. Images are those of the results.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    from pycocotools.coco import COCO
+
+    gt = _read_json(gt_file)
+    if not isinstance(gt, dict) or "annotations" not in gt or "images" not in gt:
+        raise DataError(f"{gt_file}: not a COCO caption ground-truth file (needs 'images' "
+                        f"and 'annotations')")
+    results = _read_json(results_file)
+    if not isinstance(results, list) or not results:
+        raise DataError(f"{results_file}: expected a non-empty JSON list of "
+                        f"{{'image_id', 'caption'}} results")
+    check_entries(results, results_file, {"image_id": int, "caption": str})
+
+    coco = COCO(gt_file)
+    gt_ids = set(coco.getImgIds())
+    counts = {}
+    for item in results:
+        counts[item["image_id"]] = counts.get(item["image_id"], 0) + 1
+    unknown = sorted(set(counts) - gt_ids)
+    if unknown:
+        raise DataError(f"{results_file}: image_id(s) {unknown[:5]} are not in the ground "
+                        f"truth {gt_file}")
+    repeated = [i for i, n in counts.items() if n > 1]
+    if repeated:
+        raise DataError(f"{results_file}: image_id {repeated[0]} has {counts[repeated[0]]} "
+                        f"captions; merge with save_result(..., remove_duplicate='image_id')")
+    if len(counts) < len(gt_ids):
+        warnings.warn(f"caption_eval: results cover {len(counts)} of {len(gt_ids)} "
+                      f"ground-truth images; metrics are over those {len(counts)}")
+
+    coco_result = coco.loadRes(results_file)
+    coco_eval = COCOEvalCap(coco, coco_result)
+    img_ids = coco_result.getImgIds()
+    coco_eval.params["image_id"] = img_ids
+    gts = {i: coco.imgToAnns[i] for i in img_ids}
+    res = {i: coco_result.imgToAnns[i] for i in img_ids}
+
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+               (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+    if use_spice is None:
+        use_spice = spice_available()
+        if not use_spice:
+            warnings.warn("SPICE skipped: its Stanford CoreNLP jars are not installed "
+                          "(pycocoevalcap/spice/lib); the other metrics are computed")
+    if use_spice:
+        from pycocoevalcap.spice.spice import Spice
+        scorers.append((Spice(), "SPICE"))
+
+    for scorer, method in scorers:
+        score, scores = scorer.compute_score(gts, res)
+        if isinstance(method, list):
+            for sc, scs, name in zip(score, scores, method):
+                coco_eval.setEval(sc, name)
+                coco_eval.setImgToEvalImgs(scs, gts.keys(), name)
+        else:
+            coco_eval.setEval(score, method)
+            coco_eval.setImgToEvalImgs(scores, gts.keys(), method)
+        if isinstance(scorer, Meteor):
+            _close_meteor(scorer)
+    coco_eval.setEvalImgs()
+
+    for metric, score in coco_eval.eval.items():
+        print(f"{metric}: {score:.3f}")
+    return coco_eval
+
+
+def _close_meteor(meteor):
+    # The METEOR java process otherwise lives until garbage collection (its __del__
+    # repeats these calls harmlessly).
+    with meteor.lock:
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+
+
+def coco_caption_eval(coco_gt_root, results_file, split):
+    """COCO Karpathy val/test caption metrics, as the original (gt downloaded if missing)."""
+    filenames = {"val": "coco_karpathy_val_gt.json", "test": "coco_karpathy_test_gt.json"}
+    if split not in filenames:
+        raise ValueError(f"coco_caption_eval: split must be 'val' or 'test', got {split!r}")
+    gt_file = fetch_annotation(coco_gt_root, filenames[split])
+    return caption_eval(gt_file, results_file)
