@@ -26,7 +26,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -214,6 +214,7 @@ class TrainState:
     global_step: int = 0     # optimizer steps taken so far
     best: float = 0.0        # best validation metric so far (what the task compares)
     best_epoch: int = 0
+    extra: dict = field(default_factory=dict)  # task values to keep (plain types), e.g. test metrics at the best epoch
 
 
 def set_epoch(data_loader, epoch):
@@ -363,6 +364,7 @@ def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, confi
             'global_step': state.global_step,
             'best': state.best,
             'best_epoch': state.best_epoch,
+            'extra': state.extra,
             'rng_states': rng_states,
         }, os.path.join(output_dir, LAST_CHECKPOINT))
     utils.barrier()
@@ -411,7 +413,8 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
         print(f'resume: {path} was written by {len(rng_states)} process(es), this run has '
               f'{utils.get_world_size()}: RNG states not restored (seeds from --seed)')
     state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint['global_step'],
-                       best=checkpoint['best'], best_epoch=checkpoint['best_epoch'])
+                       best=checkpoint['best'], best_epoch=checkpoint['best_epoch'],
+                       extra=checkpoint.get('extra') or {})
     print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
           f'steps; continuing at epoch {state.start_epoch}')
     return state

@@ -276,6 +276,7 @@ def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
     engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, toy.make_loss_fn(
         {'pause_at': None, 'nan_at': None}, tmp_path), state=state)
     state.best, state.best_epoch = 0.5, 0
+    state.extra['test_result'] = {'r_mean': 12.5}
     engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, state)
     expected_draws = rng_draws()
 
@@ -287,7 +288,8 @@ def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
     args = Namespace(resume='', evaluate=False, no_auto_resume=False, output_dir=str(tmp_path))
     restored = engine.resume(args, fresh, fresh_optimizer)
 
-    assert restored == engine.TrainState(start_epoch=1, global_step=4, best=0.5, best_epoch=0)
+    assert restored == engine.TrainState(start_epoch=1, global_step=4, best=0.5, best_epoch=0,
+                                         extra={'test_result': {'r_mean': 12.5}})
     for key, value in model.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
     assert fresh.seen.item() == 32
