@@ -262,14 +262,15 @@ class BertLayer(nn.Module):
         super().__init__()
         self.config = config
         self.layer_num = layer_num
-        self.attention = BertAttention(config, layer_idx=layer_num)
+        self.attention = self.build_attention(config, layer_num, is_cross_attention=False)
         if config.add_cross_attention:
-            self.crossattention = self.build_cross_attention(config, layer_num)
+            self.crossattention = self.build_attention(config, layer_num, is_cross_attention=True)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def build_cross_attention(self, config, layer_num):
-        return BertAttention(config, is_cross_attention=True, layer_idx=layer_num)
+    def build_attention(self, config, layer_num, is_cross_attention):
+        # a hook for variants (nlvr_encoder.py builds two-image cross-attention here)
+        return BertAttention(config, is_cross_attention=is_cross_attention, layer_idx=layer_num)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, past_key_values=None, output_attentions=False, mode=None,

@@ -107,3 +107,47 @@ def test_interpolate_pos_embed():
             target = VisionTransformer(img_size=size, patch_size=16, embed_dim=32, depth=1, num_heads=2)
         resized = interpolate_pos_embed(inputs["pos_embed_224"], target)
         assert_close(resized, outputs[f"pos_embed_224_to_{size}"], what=f"224 -> {size}")
+
+
+# ----------------------------------------------------------------------------- NLVR2
+
+@pytest.mark.parametrize("task", ["nlvr", "nlvr_merge"])
+def test_nlvr(task):
+    from models.blip_nlvr import BLIP_NLVR
+
+    model = build_model(BLIP_NLVR, task)
+    inputs, outputs = load_fixture(task, "inputs.pt"), load_fixture(task, "outputs.pt")
+    if task == "nlvr_merge":  # layers >= 6 merge the two image branches through merge_layer
+        assert hasattr(model.text_encoder.encoder.layer[6].crossattention.output, "merge_layer")
+    images, texts, targets = inputs["images"], inputs["texts"], inputs["targets"]
+    with torch.no_grad():
+        assert_close(model.visual_encoder(images), outputs["image_embeds"], what="image_embeds")
+        text = model.tokenizer(texts, padding="longest", return_tensors="pt")
+        assert torch.equal(text.input_ids[:, 1:], outputs["text_input_ids"][:, 1:])
+        assert torch.equal(text.attention_mask, outputs["text_attention_mask"])
+        assert_close(model(images, texts, targets=targets, train=False), outputs["logits"], what="logits")
+        assert_close(model(images, texts, targets=targets, train=True), outputs["loss_evalmode"], what="eval loss")
+    zero_dropout(model).train()
+    loss = model(images, texts, targets=targets, train=True)
+    assert_close(loss, outputs["loss"], what="train-mode loss")
+    loss.backward()  # the twin branches and the head all receive gradients
+    assert model.text_encoder.encoder.layer[0].crossattention.self1.key.weight.grad is not None
+    assert model.cls_head[0].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- ITM
+
+def test_itm():
+    from models.blip_itm import BLIP_ITM
+
+    model = build_model(BLIP_ITM, "itm")
+    inputs, outputs = load_fixture("itm", "inputs.pt"), load_fixture("itm", "outputs.pt")
+    images, captions = inputs["images"], inputs["captions"]
+    text = model.tokenizer(captions, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert torch.equal(text.input_ids, outputs["text_input_ids"])  # [CLS] kept first, as the original
+    assert torch.equal(text.attention_mask, outputs["text_attention_mask"])
+    with torch.no_grad():
+        itm_logits = model(images, captions, match_head="itm")
+        assert_close(itm_logits, outputs["itm_logits"], what="itm logits")
+        assert_close(itm_logits.softmax(dim=1)[:, 1], outputs["itm_score"], what="itm score")
+        assert_close(model(images, captions, match_head="itc"), outputs["itc_sim"], what="itc sims")
