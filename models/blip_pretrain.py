@@ -1,0 +1,326 @@
+"""BLIP pre-training model: ITC + ITM + LM on image-text pairs.
+
+As BLIP_Retrieval for ITC (momentum encoders, feature queues, momentum distillation) and ITM
+(hard negatives), plus a captioning decoder trained with the LM loss. The decoder shares every
+weight with the text encoder except the self-attention blocks (the paper's parameter sharing),
+so the encoder state_dict keys appear twice (`text_encoder.*` and `text_decoder.bert.*`) for
+one tensor, as in official checkpoints.
+
+Initialisation, as the original: the ViT from ImageNet weights (DeiT-B for 'base', timm's
+ViT-L/16 in21k for 'large'), the text encoder/decoder from a BERT checkpoint, word embeddings
+grown from BERT's 30522 tokens to len(tokenizer) (30524: + [DEC], [ENC]). Unlike the original
+nothing is fetched from the model hub unless asked: `bert_checkpoint=None` (the default)
+keeps BERT randomly initialised; pass a local directory (or a hub name) to load one.
+`vit_checkpoint='default'` downloads the original's ImageNet weights; None skips them.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.blip import create_vit, download_cached_file, init_tokenizer, is_url, load_med_config, read_checkpoint
+from models.blip_retrieval import copy_params, momentum_update, sample_negatives
+from models.med import BertLMHeadModel, BertModel
+from models.vit import interpolate_pos_embed
+from utils import concat_all_gather
+
+# What the original loads into the ViT before pre-training.
+DEFAULT_VIT_CHECKPOINTS = {
+    'base': 'https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth',
+    # timm 0.4.12's default_cfgs['vit_large_patch16_224_in21k'] (AugReg, a JAX .npz file).
+    'large': 'https://storage.googleapis.com/vit_models/augreg/'
+             'L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz',
+}
+
+
+class BLIP_Pretrain(nn.Module):
+    def __init__(
+        self,
+        med_config='configs/bert_config.json',
+        image_size=224,
+        vit='base',
+        vit_grad_ckpt=False,
+        vit_ckpt_layer=0,
+        embed_dim=256,
+        queue_size=57600,
+        momentum=0.995,
+        vit_checkpoint='default',
+        bert_checkpoint=None,
+    ):
+        """
+        Args:
+            med_config: path of the BERT JSON config (vocabulary 30522; grown to the tokenizer's).
+            image_size: input image size.
+            vit: 'base', 'large' or a mapping {width, depth, heads, patch_size}.
+            embed_dim: width of the ITC projections.
+            queue_size: number of momentum features kept for ITC (a multiple of the global batch).
+            momentum: EMA factor of the momentum encoders.
+            vit_checkpoint: ViT initialisation: 'default' (the original's ImageNet weights for
+                'base'/'large', nothing for a custom mapping), a file path or http(s) URL
+                (.pth/.pt holding {'model': state_dict} or a state dict; .npz in timm's JAX
+                layout), or None for random initialisation.
+            bert_checkpoint: a directory (or hub name) with BERT weights in transformers'
+                format for the text encoder and decoder; None keeps them random.
+        """
+        super().__init__()
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer, 0)
+        if vit_checkpoint == 'default':
+            vit_checkpoint = DEFAULT_VIT_CHECKPOINTS.get(vit) if isinstance(vit, str) else None
+        if vit_checkpoint:
+            load_vit_weights(self.visual_encoder, vit_checkpoint)
+
+        self.tokenizer = init_tokenizer()
+        encoder_config = load_med_config(med_config, vision_width)
+        self.text_encoder = _build(BertModel, bert_checkpoint, encoder_config, add_pooling_layer=False)
+        resize_word_embeddings(self.text_encoder, len(self.tokenizer))
+        text_width = self.text_encoder.config.hidden_size
+
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+
+        # Momentum encoders (built after the resize: the config now says len(tokenizer)).
+        self.visual_encoder_m, vision_width = create_vit(vit, image_size)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertModel(config=self.text_encoder.config, add_pooling_layer=False)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.model_pairs = [
+            [self.visual_encoder, self.visual_encoder_m],
+            [self.vision_proj, self.vision_proj_m],
+            [self.text_encoder, self.text_encoder_m],
+            [self.text_proj, self.text_proj_m],
+        ]
+        self.copy_params()
+
+        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.temp = nn.Parameter(0.07 * torch.ones([]))
+
+        decoder_config = load_med_config(med_config, vision_width)
+        self.text_decoder = _build(BertLMHeadModel, bert_checkpoint, decoder_config)
+        resize_lm_vocab(self.text_decoder, len(self.tokenizer))
+        tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, skip_key='/attention')
+        # The LM head follows the (now shared) word embeddings.
+        self.text_decoder.cls.predictions.decoder.weight = self.text_decoder.bert.embeddings.word_embeddings.weight
+
+    def forward(self, image, caption, alpha):
+        """Returns (loss_ita, loss_itm, loss_lm) for a batch of images and captions."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        image_embeds = self.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=30,
+                              return_tensors='pt').to(image.device)
+        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                        return_dict=True, mode='text')
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+
+        # ============== Image-text contrastive learning ==============
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+
+            text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
+                                                return_dict=True, mode='text')
+            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        # ============== Image-text matching ==============
+        encoder_input_ids = text.input_ids.clone()
+        encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
+
+        bs = image.size(0)
+        output_pos = self.text_encoder(encoder_input_ids,
+                                       attention_mask=text.attention_mask,
+                                       encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=image_atts,
+                                       return_dict=True)
+        with torch.no_grad():
+            # In-batch similarities (online vs momentum features, as the original); +1e-4 keeps
+            # every other pair possible, the diagonal (the positive) is excluded.
+            weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1) + 1e-4
+            weights_t2i.fill_diagonal_(0)
+            weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1) + 1e-4
+            weights_i2t.fill_diagonal_(0)
+
+        neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
+        image_embeds_neg = image_embeds[neg_image_idx]
+        text_ids_neg = encoder_input_ids[neg_text_idx]
+        text_atts_neg = text.attention_mask[neg_text_idx]
+
+        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
+        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+
+        output_neg = self.text_encoder(text_ids_all,
+                                       attention_mask=text_atts_all,
+                                       encoder_hidden_states=image_embeds_all,
+                                       encoder_attention_mask=image_atts_all,
+                                       return_dict=True)
+
+        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :],
+                                   output_neg.last_hidden_state[:, 0, :]], dim=0)
+        vl_output = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
+                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        loss_itm = F.cross_entropy(vl_output, itm_labels)
+
+        # ============== Language modelling ==============
+        decoder_input_ids = text.input_ids.clone()
+        decoder_input_ids[:, 0] = self.tokenizer.bos_token_id
+        decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.tokenizer.pad_token_id, -100)
+        decoder_output = self.text_decoder(decoder_input_ids,
+                                           attention_mask=text.attention_mask,
+                                           encoder_hidden_states=image_embeds,
+                                           encoder_attention_mask=image_atts,
+                                           labels=decoder_targets,
+                                           return_dict=True)
+        loss_lm = decoder_output.loss
+        return loss_ita, loss_itm, loss_lm
+
+    def select_negatives(self, weights_t2i, weights_i2t):
+        """Hard negatives: (an image index for each text, a text index for each image); both (B, B)."""
+        return sample_negatives(weights_t2i), sample_negatives(weights_i2t)
+
+    @torch.no_grad()
+    def copy_params(self):
+        copy_params(self.model_pairs)
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        momentum_update(self.model_pairs, self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat):
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch_size = image_feats.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.queue_size % batch_size == 0, (
+            f'queue_size ({self.queue_size}) must be a multiple of the global batch size ({batch_size})')
+
+        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
+        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+
+
+def blip_pretrain(**kwargs):
+    return BLIP_Pretrain(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation helpers
+
+
+def _build(cls, checkpoint, config, **kwargs):
+    """cls(config) with random weights, or cls.from_pretrained(checkpoint) when one is given."""
+    if not checkpoint:
+        return cls(config=config, **kwargs)
+    return cls.from_pretrained(str(checkpoint), config=config, **kwargs)
+
+
+def load_vit_weights(visual_encoder, url_or_filename):
+    """Load ImageNet weights into the ViT (non-strict: classifier heads are ignored).
+
+    Skipped on the meta device (nothing to load into). The position embedding is resized to
+    the model's grid, so image sizes other than the checkpoint's work.
+    """
+    if any(p.is_meta for p in visual_encoder.parameters()):
+        return None
+    name = str(url_or_filename)
+    if name.endswith('.npz'):
+        # JAX-format weights (timm's in21k ViT-L), as timm's load_custom_pretrained read them.
+        from timm.models.vision_transformer import _load_weights
+        return _load_weights(visual_encoder, download_cached_file(name) if is_url(name) else name)
+    state_dict = read_checkpoint(name)
+    if 'pos_embed' in state_dict:
+        state_dict['pos_embed'] = interpolate_pos_embed(state_dict['pos_embed'], visual_encoder)
+    return visual_encoder.load_state_dict(state_dict, strict=False)
+
+
+@torch.no_grad()
+def resize_word_embeddings(bert, num_tokens):
+    """Grow (or cut) a BertModel's vocabulary to `num_tokens` rows.
+
+    As transformers 4.15's resize_token_embeddings, which the original calls: existing rows
+    are kept, new rows drawn from N(0, initializer_range), config.vocab_size updated.
+    """
+    old = bert.embeddings.word_embeddings
+    if old.num_embeddings != num_tokens:
+        new = nn.Embedding(num_tokens, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.normal_(mean=0.0, std=bert.config.initializer_range)
+        keep = min(old.num_embeddings, num_tokens)
+        new.weight[:keep] = old.weight[:keep]
+        bert.embeddings.word_embeddings = new
+    bert.config.vocab_size = num_tokens
+
+
+@torch.no_grad()
+def resize_lm_vocab(lm_model, num_tokens):
+    """resize_word_embeddings for a BertLMHeadModel: the tied LM head follows, its bias is
+    zero-padded (new tokens start with bias 0) and stays shared with the decoder's bias."""
+    resize_word_embeddings(lm_model.bert, num_tokens)
+    lm_model.config.vocab_size = num_tokens
+    head = lm_model.cls.predictions
+    head.decoder.weight = lm_model.bert.embeddings.word_embeddings.weight
+    head.decoder.out_features = num_tokens
+    old_bias = head.bias
+    if old_bias.shape[0] != num_tokens:
+        bias = torch.zeros(num_tokens, device=old_bias.device, dtype=old_bias.dtype)
+        keep = min(old_bias.shape[0], num_tokens)
+        bias[:keep] = old_bias[:keep]
+        head.bias = nn.Parameter(bias)
+    head.decoder.bias = head.bias
+
+
+def tie_encoder_decoder_weights(encoder, decoder, skip_key='/attention'):
+    """Make `decoder` use `encoder`'s weights wherever the two module trees match.
+
+    Walks both trees in step; at each module holding a `weight` whose path (e.g.
+    '/encoder/layer/3/crossattention/self/query') does not contain `skip_key`, the decoder's
+    weight and bias become the encoder's Parameters. With '/attention' everything but the
+    self-attention blocks is shared: embeddings, cross-attention, feed-forward, LayerNorms.
+    Returns the tied paths.
+    """
+    tied = []
+
+    def visit(enc, dec, path):
+        if hasattr(dec, 'weight') and skip_key not in path:
+            if not hasattr(enc, 'weight'):
+                raise ValueError(f'cannot tie {path}: the encoder module has no weight')
+            dec.weight = enc.weight
+            if hasattr(dec, 'bias'):
+                dec.bias = enc.bias
+            tied.append(path)
+            return
+        for name, dec_child in dec.named_children():
+            enc_child = getattr(enc, name, None)
+            if isinstance(enc_child, nn.Module):
+                visit(enc_child, dec_child, f'{path}/{name}')
+
+    visit(encoder, decoder, '')
+    return tied

@@ -1,0 +1,279 @@
+"""BLIP for image-text retrieval (COCO, Flickr30k, MSRVTT zero-shot).
+
+Two objectives, as in the original release:
+- ITC: image/text [CLS] features projected to `embed_dim`, contrasted against the current
+  batch plus a queue of momentum-encoder features; the targets mix the one-hot pairing with
+  the momentum model's own similarities (momentum distillation, weight `alpha`).
+- ITM: the text encoder in multimodal mode classifies (image, text) pairs as matched or
+  not; each positive pair comes with one hard negative image per text and one hard negative
+  text per image, sampled in proportion to their ITC similarity.
+
+The momentum helpers (`copy_params`, `momentum_update`) and the negative sampler are module
+functions because BLIP_Pretrain uses the same ones.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config
+from models.med import BertModel
+from utils import all_gather_with_grad, concat_all_gather, get_rank
+
+
+class BLIP_Retrieval(nn.Module):
+    def __init__(
+        self,
+        med_config='configs/med_config.json',
+        image_size=384,
+        vit='base',
+        vit_grad_ckpt=False,
+        vit_ckpt_layer=0,
+        embed_dim=256,
+        queue_size=57600,
+        momentum=0.995,
+        negative_all_rank=False,
+    ):
+        """
+        Args:
+            med_config: path of the MED (text model) JSON config.
+            image_size: input image size.
+            vit: 'base', 'large' or a mapping {width, depth, heads, patch_size}.
+            embed_dim: width of the ITC projections.
+            queue_size: number of momentum features kept for ITC (a multiple of the global batch).
+            momentum: EMA factor of the momentum encoders.
+            negative_all_rank: sample ITM hard negatives from every rank's batch, not only this one.
+        """
+        super().__init__()
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer)
+        self.tokenizer = init_tokenizer()
+        med_config = load_med_config(med_config, vision_width)
+        self.text_encoder = BertModel(config=med_config, add_pooling_layer=False)
+        text_width = self.text_encoder.config.hidden_size
+
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+
+        # Momentum encoders: EMA copies of the online ones, never trained by gradient. Like the
+        # original, the momentum ViT gets create_vit's defaults (no checkpointing).
+        self.visual_encoder_m, vision_width = create_vit(vit, image_size)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertModel(config=med_config, add_pooling_layer=False)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.model_pairs = [
+            [self.visual_encoder, self.visual_encoder_m],
+            [self.vision_proj, self.vision_proj_m],
+            [self.text_encoder, self.text_encoder_m],
+            [self.text_proj, self.text_proj_m],
+        ]
+        self.copy_params()
+
+        # Queues of momentum features (unit columns) and of their image ids (-100: empty slot).
+        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
+        self.register_buffer('ptr_queue', torch.zeros(1, dtype=torch.long))
+        self.temp = nn.Parameter(0.07 * torch.ones([]))
+
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
+
+    def forward(self, image, caption, alpha, idx):
+        """Returns (loss_ita, loss_itm) for a batch of images, captions and image ids `idx`."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        image_embeds = self.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=35,
+                              return_tensors='pt').to(image.device)
+        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                        return_dict=True, mode='text')
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+
+        # ============== Image-text contrastive learning ==============
+        idx = idx.view(-1, 1)
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+
+            text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
+                                                return_dict=True, mode='text')
+            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+
+            sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_m_all / self.temp
+
+            # The original builds id-aware targets (every queue entry with the same image id
+            # counts as positive) and then overwrites them with this plain diagonal before use;
+            # the diagonal is what it trains with, so it is what we use.
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+        sim_i2t = image_feat @ text_feat_m_all / self.temp
+        sim_t2i = text_feat @ image_feat_m_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+
+        idxs = concat_all_gather(idx)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
+
+        # ============== Image-text matching ==============
+        encoder_input_ids = text.input_ids.clone()
+        encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
+
+        bs = image.size(0)
+        output_pos = self.text_encoder(encoder_input_ids,
+                                       attention_mask=text.attention_mask,
+                                       encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=image_atts,
+                                       return_dict=True)
+
+        # Candidates for the hard negatives: this rank's batch, or every rank's batch.
+        if self.negative_all_rank:
+            with torch.no_grad():
+                idx_world = idxs
+                image_feat_world = concat_all_gather(image_feat)
+                text_feat_world = concat_all_gather(text_feat)
+            image_embeds_world = all_gather_with_grad(image_embeds)
+            input_ids_world = concat_all_gather(encoder_input_ids)
+            att_mask_world = concat_all_gather(text.attention_mask)
+        else:
+            idx_world, image_feat_world, text_feat_world = idx, image_feat, text_feat
+            image_embeds_world = image_embeds
+            input_ids_world, att_mask_world = encoder_input_ids, text.attention_mask
+
+        with torch.no_grad():
+            # Pairs showing the same image are never negatives of each other.
+            same_image = torch.eq(idx, idx_world.t())
+            weights_i2t = F.softmax(image_feat @ text_feat_world.t() / self.temp, dim=1)
+            weights_i2t.masked_fill_(same_image, 0)
+            weights_t2i = F.softmax(text_feat @ image_feat_world.t() / self.temp, dim=1)
+            weights_t2i.masked_fill_(same_image, 0)
+
+        neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
+        image_embeds_neg = image_embeds_world[neg_image_idx]
+        text_ids_neg = input_ids_world[neg_text_idx]
+        text_atts_neg = att_mask_world[neg_text_idx]
+
+        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
+        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+
+        output_neg = self.text_encoder(text_ids_all,
+                                       attention_mask=text_atts_all,
+                                       encoder_hidden_states=image_embeds_all,
+                                       encoder_attention_mask=image_atts_all,
+                                       return_dict=True)
+
+        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :],
+                                   output_neg.last_hidden_state[:, 0, :]], dim=0)
+        vl_output = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
+                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        return loss_ita, loss_itm
+
+    def select_negatives(self, weights_t2i, weights_i2t):
+        """Hard negatives: (an image index for each text, a text index for each image).
+
+        weights_t2i is (B, N_images), weights_i2t is (B, N_texts); N is the global batch with
+        negative_all_rank, else B. Row b's own pair sits at column rank*B + b (all-rank) or b.
+        """
+        offset = get_rank() * weights_t2i.size(0) if self.negative_all_rank else 0
+        return sample_negatives(weights_t2i, offset), sample_negatives(weights_i2t, offset)
+
+    @torch.no_grad()
+    def copy_params(self):
+        copy_params(self.model_pairs)
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        momentum_update(self.model_pairs, self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat, text_feat, idxs):
+        # Every rank enqueues the whole global batch, so the queues stay identical across ranks.
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch_size = image_feats.shape[0]
+        ptr = int(self.ptr_queue)
+        assert self.queue_size % batch_size == 0, (
+            f'queue_size ({self.queue_size}) must be a multiple of the global batch size ({batch_size})')
+
+        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
+        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
+        self.idx_queue[:, ptr:ptr + batch_size] = idxs.T
+        self.ptr_queue[0] = (ptr + batch_size) % self.queue_size
+
+
+def blip_retrieval(pretrained='', **kwargs):
+    model = BLIP_Retrieval(**kwargs)
+    if pretrained:
+        model, msg = load_checkpoint(model, pretrained)
+        print('missing keys:')
+        print(msg.missing_keys)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared with BLIP_Pretrain
+
+
+def _param_lists(model_pairs):
+    online, momentum = [], []
+    for model, model_m in model_pairs:
+        online += list(model.parameters())
+        momentum += list(model_m.parameters())
+    if len(online) != len(momentum):
+        raise ValueError(f'momentum encoders have {len(momentum)} parameters, online ones {len(online)}')
+    return online, momentum
+
+
+@torch.no_grad()
+def copy_params(model_pairs):
+    """Initialise each momentum encoder as a frozen copy of its online encoder."""
+    for param, param_m in zip(*_param_lists(model_pairs)):
+        param_m.data.copy_(param.data)
+        param_m.requires_grad = False
+
+
+@torch.no_grad()
+def momentum_update(model_pairs, momentum):
+    """param_m = momentum * param_m + (1 - momentum) * param, in two fused multi-tensor ops."""
+    # The lists are rebuilt on each call (cheap) so they follow parameters that were
+    # replaced, e.g. by to_empty() after meta-device construction.
+    online, momentum_params = _param_lists(model_pairs)
+    momentum_params = [p.data for p in momentum_params]
+    torch._foreach_mul_(momentum_params, momentum)
+    torch._foreach_add_(momentum_params, [p.data for p in online], alpha=1.0 - momentum)
+
+
+def sample_negatives(weights, offset=0):
+    """One column per row of `weights` (B, N), drawn with probability proportional to the row.
+
+    A row with no positive mass (everything masked, or NaN/inf from a diverged model) would
+    make torch.multinomial fail; such a row draws uniformly among the columns other than its
+    own pair (column offset + row), or takes its own column when there is no other.
+    """
+    weights = weights.detach().float()
+    rows, cols = weights.shape
+    bad = ~torch.isfinite(weights).all(dim=1) | (weights < 0).any(dim=1) | (weights.sum(dim=1) <= 0)
+    if bad.any():
+        fallback = torch.ones_like(weights)
+        if cols > 1:
+            own = torch.arange(rows, device=weights.device) + offset
+            keep = own < cols
+            fallback[torch.arange(rows, device=weights.device)[keep], own[keep]] = 0
+        weights = torch.where(bad[:, None], fallback, weights)
+    return torch.multinomial(weights, 1).squeeze(1)
