@@ -26,6 +26,9 @@ import json
 import math
 import os
 import random
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,11 +143,43 @@ def is_url(value):
     return isinstance(value, str) and value.startswith(('http://', 'https://'))
 
 
-def check_paths(config, config_path, dirs=(), files=()):
-    """Fail before any work for a data folder or checkpoint file that does not exist.
+def _cached_download(url):
+    # where models.blip.download_cached_file keeps the URL's file (None if unknown)
+    try:
+        from models.blip import checkpoint_cache_dir
+    except ImportError:
+        return None
+    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
+    return os.path.join(checkpoint_cache_dir(), name)
 
-    dirs: keys naming folders (image_root, ...); files: keys naming checkpoint files
-    (pretrained, ...). Empty values are skipped; URLs are left to the model's downloader.
+
+def check_url(url, what, timeout=20):
+    """Fail early for a checkpoint URL that is not cached and cannot be fetched.
+
+    A HEAD request: 404/410 or an unreachable host is an error naming the URL; other answers
+    (some servers refuse HEAD) are left to the downloader.
+    """
+    cached = _cached_download(url)
+    if cached and os.path.isfile(cached):
+        return
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method='HEAD'), timeout=timeout):
+            pass
+    except urllib.error.HTTPError as error:
+        if error.code in (404, 410):
+            raise FileNotFoundError(f'{what}: checkpoint URL {url} does not exist '
+                                    f'(HTTP {error.code})') from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, 'reason', error)
+        raise FileNotFoundError(f'{what}: checkpoint URL {url} cannot be reached ({reason}); '
+                                f'download it by hand and set the key to the file') from None
+
+
+def check_paths(config, config_path, dirs=(), files=()):
+    """Fail before any work for a data folder or checkpoint that does not exist.
+
+    dirs: keys naming folders (image_root, ...); files: keys naming checkpoint files or URLs
+    (pretrained, ...). Empty values are skipped.
     """
     for key in dirs:
         path = config.get(key)
@@ -152,7 +187,11 @@ def check_paths(config, config_path, dirs=(), files=()):
             raise FileNotFoundError(f'{config_path}: {key}: data folder {path!r} does not exist')
     for key in files:
         path = config.get(key)
-        if path and not is_url(path) and not os.path.isfile(path):
+        if not path:
+            continue
+        if is_url(path):
+            check_url(path, f'{config_path}: {key}')
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f'{config_path}: {key}: checkpoint {path!r} does not exist')
 
 

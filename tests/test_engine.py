@@ -2,11 +2,14 @@
 NaN stop, checkpoints, resume, and a run killed with SIGKILL that continues where it stopped."""
 import copy
 import hashlib
+import http.server
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 
@@ -228,8 +231,42 @@ def test_missing_config_resume_data_and_checkpoint_paths(tmp_path, capsys):
         engine.check_paths(config, 'c.yaml', dirs=['image_root'])
     with pytest.raises(FileNotFoundError, match='pretrained.*model.pth'):
         engine.check_paths(config, 'c.yaml', files=['pretrained'])
-    engine.check_paths({'pretrained': 'https://example.com/m.pth', 'image_root': str(tmp_path)},
-                       'c.yaml', dirs=['image_root'], files=['pretrained'])
+    engine.check_paths({'pretrained': '', 'image_root': str(tmp_path)}, 'c.yaml',
+                       dirs=['image_root'], files=['pretrained'])
+
+
+@pytest.fixture
+def http_server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200 if self.path == '/model_ok.pth' else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_checkpoint_urls_are_checked_before_any_work(tmp_path, monkeypatch, http_server):
+    monkeypatch.setenv('BLIP_CACHE', str(tmp_path / 'cache'))
+    engine.check_paths({'pretrained': f'{http_server}/model_ok.pth'}, 'c.yaml', files=['pretrained'])
+    with pytest.raises(FileNotFoundError, match=r'c.yaml: pretrained: checkpoint URL .*/missing.pth does not exist'):
+        engine.check_paths({'pretrained': f'{http_server}/missing.pth'}, 'c.yaml', files=['pretrained'])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(('127.0.0.1', 0))
+        closed_port = s.getsockname()[1]
+    unreachable = f'http://127.0.0.1:{closed_port}/model_base.pth'
+    with pytest.raises(FileNotFoundError, match='cannot be reached'):
+        engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
+    # already downloaded: no request at all
+    (tmp_path / 'cache').mkdir()
+    (tmp_path / 'cache' / 'model_base.pth').write_bytes(b'')
+    engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
 
 
 # --------------------------------------------------------------------------- checkpoints
