@@ -298,7 +298,9 @@ def read_checkpoint(url_or_filename, allow_unsafe=None):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         if not _unsafe_load_allowed(allow_unsafe):
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if 'WeightsUnpickler error' in line),
+                          lines[0] if lines else type(error).__name__).split('. Please use')[0]
             raise RuntimeError(
                 f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses to "
                 f"unpickle ({reason}). Loading it runs arbitrary code from the file. If you trust it, opt in "

@@ -187,12 +187,14 @@ def interpolate_pos_embed(pos_embed_checkpoint, visual_encoder):
     if orig_size == new_size:
         return pos_embed_checkpoint
 
+    # float16/bfloat16 checkpoints are resized in float32 (bicubic in half precision is not
+    # available everywhere, and the result goes into float32 parameters anyway)
+    if pos_embed_checkpoint.dtype in (torch.float16, torch.bfloat16):
+        pos_embed_checkpoint = pos_embed_checkpoint.float()
     extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
     pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
     pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
-    # interpolate in float32: bicubic is not implemented for half precision on every device
-    pos_tokens = F.interpolate(pos_tokens.float(), size=(new_size, new_size), mode='bicubic',
-                               align_corners=False).to(pos_embed_checkpoint.dtype)
+    pos_tokens = F.interpolate(pos_tokens, size=(new_size, new_size), mode='bicubic', align_corners=False)
     pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
     print('reshape position embedding from %d to %d' % (orig_size ** 2, new_size ** 2))
     return torch.cat((extra_tokens, pos_tokens), dim=1)
