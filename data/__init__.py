@@ -3,17 +3,16 @@
 `create_dataset(name, config, min_scale=0.5)` builds the splits of a task, as the
 original returns them:
 
-    name               returns                               config keys read
-    'pretrain'         pretrain_dataset                      train_file, laion_path, image_size
-    'caption_coco'     (train, val, test)                    image_root, ann_root, prompt, image_size
-    'nocaps'           (val, test)                           image_root, ann_root, image_size
-    'retrieval_coco'   (train, val, test)                    image_root, ann_root, image_size
-    'retrieval_flickr' (train, val, test)                    image_root, ann_root, image_size
-    'vqa'              (train, test)                         ann_root, vqa_root, vg_root, train_files, image_size
-    'nlvr'             (train, val, test)                    image_root, ann_root, image_size
-    'retrieval_msrvtt' VideoDataset (test split only)        video_root, ann_root, num_frm_test, image_size
-                                                             (+ optional frm_sampling_strategy 'uniform',
-                                                             video_fmt '.mp4')
+    name               returns             config keys read (all also read image_size)
+    'pretrain'         pretrain_dataset    train_file, laion_path (optional, default '')
+    'caption_coco'     (train, val, test)  image_root, ann_root, prompt
+    'nocaps'           (val, test)         image_root, ann_root
+    'retrieval_coco'   (train, val, test)  image_root, ann_root
+    'retrieval_flickr' (train, val, test)  image_root, ann_root
+    'vqa'              (train, test)       ann_root, vqa_root, vg_root, train_files
+    'nlvr'             (train, val, test)  image_root, ann_root
+    'retrieval_msrvtt' VideoDataset        video_root, ann_root, num_frm_test (+ optional
+                       (test split only)   frm_sampling_strategy 'uniform', video_fmt '.mp4')
 
 Training splits use `train_transform(image_size, min_scale)`, the others
 `eval_transform(image_size)`. The video set is what the original eval_retrieval_video.py

@@ -72,9 +72,9 @@ class coco_karpathy_caption_eval(Dataset):
             try:
                 self.img_ids.append(coco_image_id(ann["image"]))
             except ValueError as error:
-                raise DataError(f"{self.ann_file}: entry {index}: cannot parse a numeric "
-                                f"COCO image id from {ann['image']!r} (expected names like "
-                                f"COCO_val2014_000000391895.jpg)") from error
+                raise DataError(f"{self.ann_file}: entry {index} field 'image': cannot parse "
+                                f"a numeric COCO image id from {ann['image']!r} (expected "
+                                f"names like COCO_val2014_000000391895.jpg)") from error
 
     def __len__(self):
         return len(self.annotation)

@@ -250,4 +250,5 @@ class RandomAugment:
         return img
 
     def __repr__(self):
-        return f"{type(self).__name__}(N={self.N}, M={self.M}, isPIL={self.isPIL}, augs={self.augs})"
+        return (f"{type(self).__name__}(N={self.N}, M={self.M}, isPIL={self.isPIL}, "
+                f"augs={self.augs})")

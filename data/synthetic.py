@@ -335,7 +335,8 @@ def make_synthetic(root, seed=0, num_images=200, image_size=64, num_videos=12,
     for name in ("val", "test"):
         _write_json(_karpathy_eval(split[name]), ann(f"coco_karpathy_{name}.json"))
         _write_json(_karpathy_eval(split[name]), ann(f"flickr30k_{name}.json"))
-        _write_json(_caption_gt(split[name]), os.path.join(gt_root, f"coco_karpathy_{name}_gt.json"))
+        _write_json(_caption_gt(split[name]),
+                    os.path.join(gt_root, f"coco_karpathy_{name}_gt.json"))
         # NoCaps
         _write_json([{"image": s["image"], "img_id": s["id"]} for s in split[name]],
                     ann(f"nocaps_{name}.json"))

@@ -276,6 +276,9 @@ def save_result(result, result_dir, filename, remove_duplicate=""):
         merged = []
         for r in range(world_size):
             rank_file = os.path.join(result_dir, "%s_rank%d.json" % (filename, r))
+            if not os.path.isfile(rank_file):
+                raise DataError(f"save_result: the result file of rank {r}, {rank_file}, is "
+                                f"missing (every rank must call save_result)")
             part = _read_json(rank_file)
             if not isinstance(part, list):
                 raise DataError(f"{rank_file}: expected a JSON list of results")

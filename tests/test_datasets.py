@@ -316,7 +316,9 @@ def test_synthetic_is_deterministic_and_seeded(tmp_path):
 def test_synthetic_captions_and_answers_describe_the_image(synthetic):
     numbers = {"one": 1, "two": 2, "three": 3}
     train_captions = _read(synthetic, "coco_karpathy_train.json")
-    for entry in _read(synthetic, "coco_karpathy_val.json") + _read(synthetic, "coco_karpathy_test.json"):
+    eval_entries = _read(synthetic, "coco_karpathy_val.json")
+    eval_entries += _read(synthetic, "coco_karpathy_test.json")
+    for entry in eval_entries:
         assert len(entry["caption"]) == 5
         for caption in entry["caption"]:
             words = data.utils.pre_caption(caption).split(" ")
