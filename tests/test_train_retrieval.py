@@ -187,3 +187,31 @@ def test_script_bad_input_fails_before_training(toy_config, tmp_path, capsys):
         train_retrieval.run(base + ['k_tset=4'])
     assert "unknown config key 'k_tset'" in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+def test_text_grad_checkpointing_keeps_the_gradients(fixture_model, monkeypatch):
+    import copy
+    import engine
+    import models.med
+
+    calls = []
+    real_checkpoint = models.med.checkpoint
+    monkeypatch.setattr(models.med, 'checkpoint', lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    plain, checkpointed = copy.deepcopy(fixture_model), copy.deepcopy(fixture_model)
+    assert engine.set_text_grad_checkpointing(checkpointed) == 2  # text_encoder and text_encoder_m
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    captions = ['a red circle', 'two blue squares', 'a green triangle', 'three yellow circles']
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        torch.manual_seed(1)
+        loss_ita, loss_itm = model(images, captions, alpha=0.4, idx=torch.arange(4))
+        (loss_ita + loss_itm).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert calls  # the text layers really were checkpointed
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
