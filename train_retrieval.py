@@ -11,6 +11,7 @@ similarity, everything else gets -100.
 import datetime
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -223,9 +224,9 @@ def main(args, config, device):
         if not args.evaluate:
             engine.set_epoch(train_loader, epoch)
             utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-            train_stats = engine.train_one_epoch(
-                model, train_loader, optimizer, epoch, device, config,
-                lambda m, b, e, i, n: train_step(m, b, e, i, n, config, device), scaler=scaler, state=state)
+            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                 partial(train_step, config=config, device=device),
+                                                 scaler=scaler, state=state)
 
         score_val_i2t, score_val_t2i = evaluation(model_without_ddp, val_loader, device, config)
         score_test_i2t, score_test_t2i = evaluation(model_without_ddp, test_loader, device, config)
@@ -234,13 +235,15 @@ def main(args, config, device):
             val_result = itm_eval(score_val_i2t, score_val_t2i, val_loader.dataset.txt2img,
                                   val_loader.dataset.img2txt)
             print(val_result)
-            # as the original: the best epoch by val r_mean is saved, and the test result
+            # as the original: the best epoch by val r_mean is kept, and the test result
             # reported is the one at the best epoch
-            if val_result['r_mean'] > state.best or 'test_result' not in state.extra:
-                if val_result['r_mean'] > state.best:
+            improved = val_result['r_mean'] > state.best
+            if improved:
+                state.best, state.best_epoch = val_result['r_mean'], epoch
+                if not args.evaluate:  # (the original also copied the weights when only evaluating)
                     engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
                                       model_without_ddp, optimizer, config, epoch)
-                    state.best, state.best_epoch = val_result['r_mean'], epoch
+            if improved or 'test_result' not in state.extra:
                 state.extra['test_result'] = itm_eval(score_test_i2t, score_test_t2i,
                                                       test_loader.dataset.txt2img, test_loader.dataset.img2txt)
                 print(state.extra['test_result'])

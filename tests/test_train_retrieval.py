@@ -173,6 +173,7 @@ def test_script_trains_resumes_and_evaluates(toy_config, tmp_path):
     # --evaluate from the best checkpoint writes evaluate.txt
     train_retrieval.run(['--config', str(toy_config), '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu',
                          '--evaluate', f'pretrained={out / "checkpoint_best.pth"}'])
+    assert {p.name for p in (tmp_path / 'eval').iterdir()} == {'config.yaml', 'evaluate.txt'}
     (line,) = [json.loads(x) for x in (tmp_path / 'eval' / 'evaluate.txt').read_text().splitlines()]
     assert list(line) == [f'val_{k}' for k in RECALL_KEYS] + [f'test_{k}' for k in RECALL_KEYS]
 
