@@ -2,14 +2,15 @@
 
     python -m data.synthetic ROOT [--seed 0] [--num-images 200] [--image-size 64]
 
-Each image shows 1-3 identical shapes of one colour grouped in one part of a light grey
-canvas; its captions state colour, shape, position and count ("two red circles on the
-left"). The same images feed every task's annotation files, under the file names the
+Each image shows 1-3 identical shapes of one colour in a row in the top, middle or bottom
+third of a light grey canvas; its captions state colour, shape, position and count ("two
+red circles at the top"). The same images feed every task's annotation files, under the file names the
 original loaders read. Everything is a function of the seed.
 
 Classes: colours red, green, blue, yellow; shapes circle, square, triangle; positions
-left, right, top, bottom; counts 1, 2, 3 (4 x 3 x 4 x 3 = 144 combinations, cycled in a
-seeded order). Images are split 70/15/15 into train/val/test (same split for every task).
+top, middle, bottom (horizontal bands, so the training transform's random left-right flip
+keeps captions true); counts 1, 2, 3 (4 x 3 x 3 x 3 = 108 combinations, cycled in a seeded
+order). Images are split 70/15/15 into train/val/test (same split for every task).
 Videos: one shape of one colour moving left to right, right to left, top to bottom or
 bottom to top.
 
@@ -62,12 +63,13 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (215, 45, 45), "green": (45, 160, 65), "blue": (45, 85, 215),
            "yellow": (230, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("left", "right", "top", "bottom")
+# Horizontal bands only: the training transform flips images left-right at random, which
+# would make 'left'/'right' captions wrong half the time.
+POSITIONS = ("top", "middle", "bottom")
 COUNTS = (1, 2, 3)
 DIRECTIONS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
-         "bottom": "at the bottom"}
+WHERE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
 BACKGROUND = (232, 232, 232)
 ANSWER_LIST = (list(COLOURS) + list(SHAPES) + [str(c) for c in COUNTS] + list(POSITIONS)
                + ["yes", "no"])
@@ -98,9 +100,10 @@ def captions_for(scene):
 
 
 def _region(position, size):
-    half = size / 2
-    return {"left": (0, 0, half, size), "right": (half, 0, size, size),
-            "top": (0, 0, size, half), "bottom": (0, half, size, size)}[position]
+    """(x0, y0, x1, y1) of the band of the canvas that holds the shapes."""
+    third = size / 3
+    row = POSITIONS.index(position)
+    return (0, row * third, size, (row + 1) * third)
 
 
 def _draw_shape(draw, shape, cx, cy, r, fill):
@@ -114,7 +117,7 @@ def _draw_shape(draw, shape, cx, cy, r, fill):
 
 
 def draw_scene(scene, size, rng):
-    """count shapes of one colour, spread along the long side of their half of the canvas."""
+    """count shapes of one colour, spread along their band of the canvas."""
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = _region(scene["position"], size)
@@ -122,7 +125,7 @@ def draw_scene(scene, size, rng):
     vertical = (y1 - y0) > (x1 - x0)
     long_side = (y1 - y0) if vertical else (x1 - x0)
     short_side = (x1 - x0) if vertical else (y1 - y0)
-    radius = 0.34 * min(short_side, long_side / count)
+    radius = 0.42 * min(short_side, long_side / count)
     fill = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLOURS[scene["colour"]])
     for k in range(count):
         along = (k + 0.5) / count

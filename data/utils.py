@@ -118,12 +118,13 @@ def download_if_missing(url, path, timeout=60):
             os.fsync(out.fileno())
         os.replace(tmp_path, path)
     except (urllib.error.URLError, OSError, ValueError) as error:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
         raise DataError(
             f"Annotation file '{name}' is missing from folder '{folder}' and could not be "
             f"downloaded from {url} ({error}). Download it from that URL yourself and put it "
             f"in '{folder}'.") from error
+    finally:  # also on Ctrl-C: never leave a partial file behind
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
     _report(f"  saved {name} ({done} bytes)")
     return path
 
