@@ -432,27 +432,34 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist')
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
+        raise ValueError(f"--resume: {path} is not a training checkpoint (no 'model' entry); "
+                         f"to start from its weights, set pretrained={path}")
     model_without_ddp.load_state_dict(checkpoint['model'])
     if args.evaluate:
         print(f'loaded model weights from {path} (epoch {checkpoint["epoch"]})')
         return TrainState()
-    missing = [k for k in ('optimizer', 'global_step', 'rng_states') if k not in checkpoint]
+    missing = [k for k in ('optimizer', 'epoch') if k not in checkpoint]
     if missing:
-        raise ValueError(f'--resume: {path} is not a {LAST_CHECKPOINT} (no {", ".join(missing)}); '
-                         f'to start from its weights, set pretrained={path}')
+        raise ValueError(f'--resume: {path} has no {", ".join(missing)}: it is not a training '
+                         f'checkpoint; to start from its weights, set pretrained={path}')
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if scaler is not None and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
-    rng_states = checkpoint['rng_states']
-    rank = utils.get_rank()
-    if len(rng_states) == utils.get_world_size():
-        _set_rng_state(rng_states[rank])
+    # The original's per-epoch checkpoints (pretrain.py's --checkpoint) hold only model,
+    # optimizer, config and epoch: they resume too, with RNG streams from --seed.
+    rng_states = checkpoint.get('rng_states')
+    if rng_states is None:
+        print(f'resume: {path} holds no RNG states (an original-format checkpoint): RNG streams '
+              f'continue from --seed, not from where the run stopped')
+    elif len(rng_states) == utils.get_world_size():
+        _set_rng_state(rng_states[utils.get_rank()])
     else:
         print(f'resume: {path} was written by {len(rng_states)} process(es), this run has '
               f'{utils.get_world_size()}: RNG states not restored (seeds from --seed)')
-    state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint['global_step'],
-                       best=checkpoint['best'], best_epoch=checkpoint['best_epoch'],
+    state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint.get('global_step', 0),
+                       best=checkpoint.get('best', 0.0), best_epoch=checkpoint.get('best_epoch', 0),
                        extra=checkpoint.get('extra') or {})
     print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
           f'steps; continuing at epoch {state.start_epoch}')

@@ -339,6 +339,28 @@ def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
         np.testing.assert_array_equal(np.asarray(expected), np.asarray(got))
 
 
+def test_resume_from_the_original_checkpoint_format(tmp_path):
+    # pretrain.py's --checkpoint: {'model', 'optimizer', 'config', 'epoch'} as the original saves
+    model = toy.ToyModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    engine.save_model(str(tmp_path / 'checkpoint_03.pth'), model, optimizer, {'init_lr': 1e-2}, 3)
+    fresh = toy.ToyModel()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    args = Namespace(resume=str(tmp_path / 'checkpoint_03.pth'), evaluate=False, no_auto_resume=False,
+                     output_dir=str(tmp_path))
+    state = engine.resume(args, fresh, fresh_optimizer)
+    assert state == engine.TrainState(start_epoch=4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    assert fresh_optimizer.state_dict()['state'][0]['step'] == 1
+
+    torch.save(model.state_dict(), tmp_path / 'bare.pth')
+    with pytest.raises(ValueError, match='not a training checkpoint.*pretrained='):
+        engine.resume(Namespace(**{**vars(args), 'resume': str(tmp_path / 'bare.pth')}), fresh, fresh_optimizer)
+
+
 def test_no_resume_when_evaluating_or_disabled(tmp_path):
     (tmp_path / engine.LAST_CHECKPOINT).write_bytes(b'')
     base = dict(resume='', output_dir=str(tmp_path))
