@@ -216,3 +216,13 @@ def test_text_grad_checkpointing_keeps_the_gradients(fixture_model, monkeypatch)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('name', ['retrieval_coco', 'retrieval_flickr'])
+def test_official_configs_pass_the_key_checks(name):
+    import engine
+    path = str(REPO / 'configs' / f'{name}.yaml')
+    args, config = engine.parse_args_and_config('t', path, 'out', defaults=train_retrieval.TASK_DEFAULTS,
+                                                required=train_retrieval.REQUIRED_KEYS, known=(), argv=[])
+    assert config['amp'] == 'none' and config['accum_steps'] == 1 and config['embed_dim'] == 256
+    assert config['k_test'] == (256 if name == 'retrieval_coco' else 128)
