@@ -4,8 +4,8 @@
 
 Each image shows 1-3 identical shapes of one colour in a row in the top, middle or bottom
 third of a light grey canvas; its captions state colour, shape, position and count ("two
-red circles at the top"). The same images feed every task's annotation files, under the file names the
-original loaders read. Everything is a function of the seed.
+red circles at the top"). The same images feed every task's annotation files, under the
+file names the original loaders read. Everything is a function of the seed.
 
 Classes: colours red, green, blue, yellow; shapes circle, square, triangle; positions
 top, middle, bottom (horizontal bands, so the training transform's random left-right flip
@@ -48,6 +48,8 @@ So a toy config sets: image_root, vqa_root, vg_root = ROOT/images; ann_root =
 ROOT/annotation; coco_gt_root = ROOT/annotation/coco_gt; train_files = ['vqa_train',
 'vqa_val', 'vg_qa']; train_file = [ROOT/annotation/pretrain_synth.json]; laion_path =
 ROOT/laion (or '' for none); video_root = ROOT/videos. `make_synthetic` returns that dict.
+NoCaps metrics: data.utils.caption_eval(ROOT/annotation/nocaps_val_gt.json, results_file).
+Clips have `video_frames` frames (16 by default): keep num_frm_test at or below that.
 """
 import argparse
 import itertools

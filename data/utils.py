@@ -183,8 +183,9 @@ def check_entries(entries, path, fields, start=0):
                 raise DataError(f"{path}: entry {index} has no required field '{field}' "
                                 f"(fields present: {sorted(entry)})")
             value = entry[field]
-            # bool is an int subclass; an id of true/false is a mistake
-            if not isinstance(value, types) or isinstance(value, bool):
+            allowed = types if isinstance(types, tuple) else (types,)
+            # bool is an int subclass: an id of true/false is a mistake unless bool is allowed
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise DataError(f"{path}: entry {index} field '{field}' should be "
                                 f"{_type_name(types)}, got {type(value).__name__} {value!r:.60}")
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
