@@ -1,0 +1,290 @@
+"""Things beyond the original that must not change its numbers: shared cross-attention keys and
+values, the generation cache, activation checkpointing, the explicit attention path used for
+attention maps, bf16 autocast."""
+import pytest
+import torch
+
+from model_builders import assert_close, build_model, load_fixture, zero_dropout
+from models import med, vit
+from models.blip import BLIP_Base, BLIP_Decoder
+from models.med import BertSelfAttention
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_model(BLIP_Base, "feature_extractor")
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return build_model(BLIP_Decoder, "caption"), load_fixture("caption", "inputs.pt")
+
+
+TEXTS = ["a woman sitting on the beach with her dog", "three boats on a lake", "a red car",
+         "two people riding horses along a sandy path", "a bowl", "a cat sleeping on a laptop keyboard"]
+
+
+def _images(n, seed=0, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- shared cross K/V
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_cross_kv_equals_repeated_image(base, groups):
+    encoder = base.text_encoder
+    text = base.tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    r = len(TEXTS) // groups
+    with torch.no_grad():
+        image_embeds = base.visual_encoder(_images(groups))
+        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+        image_atts[-1, -2:] = 0  # a padded "image" sequence (VQA's question states have padding)
+        plain = encoder(text.input_ids, attention_mask=text.attention_mask,
+                        encoder_hidden_states=image_embeds.repeat_interleave(r, 0),
+                        encoder_attention_mask=image_atts.repeat_interleave(r, 0), return_dict=True)
+        cross_kv = encoder.compute_cross_kv(image_embeds)
+        assert len(cross_kv) == encoder.config.num_hidden_layers and cross_kv[0][0].shape[0] == groups
+        for mask in (image_atts, image_atts.repeat_interleave(r, 0)):  # per image or per text
+            shared = encoder(text.input_ids, attention_mask=text.attention_mask, cross_kv=cross_kv,
+                             encoder_attention_mask=mask, return_dict=True)
+            assert_close(shared.last_hidden_state, plain.last_hidden_state, what=f"{groups} groups")
+        # attention probabilities come back per text, as without sharing
+        plain_att = encoder(text.input_ids, attention_mask=text.attention_mask,
+                            encoder_hidden_states=image_embeds.repeat_interleave(r, 0),
+                            encoder_attention_mask=image_atts.repeat_interleave(r, 0), output_attentions=True,
+                            return_dict=True)
+        shared_att = encoder(text.input_ids, attention_mask=text.attention_mask, cross_kv=cross_kv,
+                             encoder_attention_mask=image_atts, output_attentions=True, return_dict=True)
+    for ours, theirs in zip(shared_att.cross_attentions, plain_att.cross_attentions):
+        assert_close(ours, theirs, what="cross-attention probabilities")
+
+
+def test_cross_kv_in_decoder_loss(decoder):
+    model, inputs = decoder
+    answers = ["a dog", "two cats on a sofa", "blue", "a tall building at night"]
+    tokens = model.tokenizer(answers, padding="longest", return_tensors="pt")
+    ids = tokens.input_ids.clone()
+    ids[:, 0] = model.tokenizer.bos_token_id
+    targets = ids.masked_fill(ids == 0, -100)
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(inputs["images"][:2])
+        plain = model.text_decoder(ids, attention_mask=tokens.attention_mask,
+                                   encoder_hidden_states=image_embeds.repeat_interleave(2, 0),
+                                   labels=targets, reduction="none", return_dict=True)
+        shared = model.text_decoder(ids, attention_mask=tokens.attention_mask,
+                                    cross_kv=model.text_decoder.bert.compute_cross_kv(image_embeds),
+                                    labels=targets, reduction="none", return_dict=True)
+    assert plain.loss.shape == (4,)
+    assert_close(shared.loss, plain.loss, what="per-sequence loss")
+    assert_close(shared.logits, plain.logits, what="logits")
+
+
+def test_cross_kv_batch_must_divide(base):
+    text = base.tokenizer(TEXTS[:3], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        cross_kv = base.text_encoder.compute_cross_kv(base.visual_encoder(_images(2)))
+        with pytest.raises(ValueError, match="divide"):
+            base.text_encoder(text.input_ids, attention_mask=text.attention_mask, cross_kv=cross_kv)
+
+
+def test_reduction_none_sums_tokens(decoder):
+    model, inputs = decoder
+    tokens = model.tokenizer(TEXTS[:3], padding="longest", return_tensors="pt")
+    ids = tokens.input_ids.clone()
+    ids[:, 0] = model.tokenizer.bos_token_id
+    targets = ids.masked_fill(ids == 0, -100)
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(inputs["images"])
+        kwargs = dict(attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds, labels=targets)
+        per_sequence = model.text_decoder(ids, reduction="none", **kwargs).loss
+        mean = model.text_decoder(ids, **kwargs).loss
+    assert_close(per_sequence.sum() / (targets[:, 1:] != -100).sum(), mean, what="mean vs per-sequence")
+
+
+# ----------------------------------------------------------------------------- generation cache
+
+def _count_cross_projections(monkeypatch):
+    calls = []
+    original = BertSelfAttention.project_kv
+
+    def counting(self, states):
+        if self.is_cross_attention:
+            calls.append(states.shape[0])
+        return original(self, states)
+
+    monkeypatch.setattr(BertSelfAttention, "project_kv", counting)
+    return calls
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_projects_image_once_and_matches_uncached(decoder, monkeypatch, num_beams):
+    model, inputs = decoder
+    images = inputs["images"]
+    calls = _count_cross_projections(monkeypatch)
+    captions = model.generate(images, num_beams=num_beams, max_length=20, min_length=5)
+    layers = model.text_decoder.config.num_hidden_layers
+    assert calls == [len(images) * num_beams] * layers  # once per layer for the whole generation
+
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(images)
+    prompt = model.tokenizer([model.prompt] * len(images), return_tensors="pt").input_ids[:, :-1]
+    prompt[:, 0] = model.tokenizer.bos_token_id
+    kwargs = dict(max_length=20, min_length=5, num_beams=num_beams, eos_token_id=102, pad_token_id=0)
+    cached = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, **kwargs)
+    uncached = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    # transformers 4.x callers repeated the image per beam themselves: accepted, same result
+    repeated = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds.repeat_interleave(num_beams, 0),
+                                           **kwargs)
+    assert torch.equal(cached, repeated)
+    decoded = [model.tokenizer.decode(ids, skip_special_tokens=True)[len(model.prompt):] for ids in cached]
+    assert decoded == captions
+
+
+def test_generate_rejects_mismatched_image_batch(decoder):
+    model, inputs = decoder
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(inputs["images"])
+    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 2)
+    with pytest.raises(ValueError, match="rows"):
+        model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, max_length=8, num_beams=1)
+
+
+def test_nucleus_sampling(decoder):
+    model, inputs = decoder
+    torch.manual_seed(7)
+    first = model.generate(inputs["images"], sample=True, max_length=15, min_length=5)
+    torch.manual_seed(7)
+    second = model.generate(inputs["images"], sample=True, max_length=15, min_length=5)
+    assert first == second and len(first) == len(inputs["images"])
+    assert all(isinstance(caption, str) and caption for caption in first)
+
+
+def test_beam_search_returns_several_sequences(decoder):
+    model, inputs = decoder
+    with torch.no_grad():
+        image_embeds = model.visual_encoder(inputs["images"][:2])
+    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 2)
+    out = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, max_length=12, min_length=3,
+                                      num_beams=3, num_return_sequences=2, eos_token_id=102, pad_token_id=0,
+                                      return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 4 and out.sequences_scores.shape == (4,)
+    assert (out.sequences_scores[0::2] >= out.sequences_scores[1::2]).all()  # best first per image
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+def _vit_grads(model, images):
+    model.zero_grad()
+    model(images).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_vit_activation_checkpointing_same_gradients(monkeypatch):
+    images = _images(2, seed=1)
+    reference = vit.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2).train()
+    checkpointed = vit.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2,
+                                         use_grad_checkpointing=True, ckpt_layer=2).train()
+    checkpointed.load_state_dict(reference.state_dict())
+    calls = []
+    original = vit.checkpoint
+    monkeypatch.setattr(vit, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
+
+    expected = _vit_grads(reference, images)
+    got = _vit_grads(checkpointed, images)
+    assert calls == list(checkpointed.blocks[1:])  # only the last ckpt_layer blocks
+    for name in expected:
+        assert_close(got[name], expected[name], atol=1e-6, what=name)
+
+    calls.clear()
+    checkpointed.set_grad_checkpointing()  # timm's switch: every block
+    got = _vit_grads(checkpointed, images)
+    assert len(calls) == 3
+    for name in expected:
+        assert_close(got[name], expected[name], atol=1e-6, what=name)
+    with torch.no_grad():
+        calls.clear()
+        checkpointed(images)
+        assert not calls  # nothing to save without gradients
+
+
+def _text_grads(model, base, ids, mask, image_embeds, seed):
+    model.zero_grad()
+    torch.manual_seed(seed)  # dropout active: the recomputation must replay the same masks
+    out = model(ids, attention_mask=mask, encoder_hidden_states=image_embeds, return_dict=True)
+    out.last_hidden_state.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_text_activation_checkpointing_same_gradients(base, monkeypatch):
+    encoder = build_model(BLIP_Base, "feature_extractor").text_encoder.train()
+    text = base.tokenizer(TEXTS[:3], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = base.visual_encoder(_images(3))
+    expected = _text_grads(encoder, base, text.input_ids, text.attention_mask, image_embeds, seed=5)
+
+    calls = []
+    original = med.checkpoint
+    monkeypatch.setattr(med, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
+    encoder.activation_checkpointing_enable()  # transformers' switch sets encoder.gradient_checkpointing
+    assert encoder.encoder.gradient_checkpointing
+    got = _text_grads(encoder, base, text.input_ids, text.attention_mask, image_embeds, seed=5)
+    assert len(calls) == encoder.config.num_hidden_layers
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], atol=1e-6, what=name)
+
+
+# ----------------------------------------------------------------------------- explicit attention path
+
+def test_vit_attention_map_capture():
+    model = build_model(BLIP_Base, "feature_extractor").visual_encoder
+    images = _images(2, seed=3).requires_grad_()
+    fused = model(images)
+    captured = model(images, register_blk=1)
+    assert_close(captured, fused, what="register_blk output")
+    attention = model.blocks[1].attn
+    amap = attention.get_attention_map()
+    assert amap.shape == (2, 2, 5, 5) and torch.allclose(amap.sum(-1), torch.ones(2, 2, 5))
+    captured[:, 0].sum().backward()
+    assert attention.get_attn_gradients().shape == amap.shape
+
+
+def test_med_cross_attention_map_capture(base):
+    encoder = base.text_encoder
+    text = base.tokenizer(TEXTS[:2], padding="longest", return_tensors="pt")
+    image_embeds = base.visual_encoder(_images(2)).detach().requires_grad_()
+    kwargs = dict(attention_mask=text.attention_mask, encoder_hidden_states=image_embeds, return_dict=True)
+    fused = encoder(text.input_ids, **kwargs).last_hidden_state
+    layer = encoder.encoder.layer[-1].crossattention.self
+    layer.save_attention = True
+    try:
+        captured = encoder(text.input_ids, **kwargs).last_hidden_state
+        assert_close(captured, fused, what="save_attention output")
+        amap = layer.get_attention_map()
+        assert amap.shape == (2, 2, text.input_ids.shape[1], 5)
+        captured[:, 0].sum().backward()
+        assert layer.get_attn_gradients().shape == amap.shape
+    finally:
+        layer.save_attention = False
+    with torch.no_grad():
+        explicit = encoder(text.input_ids, output_attentions=True, **kwargs)
+    assert_close(explicit.last_hidden_state, fused, what="output_attentions path")
+    assert len(explicit.attentions) == len(explicit.cross_attentions) == encoder.config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def test_bf16_autocast_close_to_float32(decoder, base):
+    model, inputs = decoder
+    with torch.no_grad():
+        loss32 = model(inputs["images"], inputs["captions"])
+        features32 = base(inputs["images"][:1], TEXTS[0], mode="multimodal")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss16 = model(inputs["images"], inputs["captions"])
+            features16 = base(inputs["images"][:1], TEXTS[0], mode="multimodal")
+    assert torch.isfinite(loss16)
+    assert abs(loss16.float().item() - loss32.item()) <= 0.02 * abs(loss32.item())
+    assert (features16.float() - features32).abs().max().item() < 0.1
+    cosine = torch.nn.functional.cosine_similarity(features16.float(), features32, dim=-1)
+    assert cosine.min().item() > 0.999
