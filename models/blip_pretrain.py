@@ -252,13 +252,29 @@ def load_vit_weights(visual_encoder, url_or_filename):
         return None
     name = str(url_or_filename)
     if name.endswith('.npz'):
-        # JAX-format weights (timm's in21k ViT-L), as timm's load_custom_pretrained read them.
-        from timm.models.vision_transformer import _load_weights
-        return _load_weights(visual_encoder, download_cached_file(name) if is_url(name) else name)
+        return _load_jax_vit_weights(visual_encoder, download_cached_file(name) if is_url(name) else name)
     state_dict = read_checkpoint(name)
     if 'pos_embed' in state_dict:
         state_dict['pos_embed'] = interpolate_pos_embed(state_dict['pos_embed'], visual_encoder)
     return visual_encoder.load_state_dict(state_dict, strict=False)
+
+
+def _load_jax_vit_weights(visual_encoder, path):
+    """JAX-format (.npz) ViT weights, e.g. the in21k ViT-L the original loads for vit='large'.
+
+    timm reads these into its own VisionTransformer, whose parameter names are the BLIP ViT's;
+    so build that twin at our size (timm resizes the position embedding), load, and copy.
+    """
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+    width = visual_encoder.pos_embed.shape[-1]
+    block = visual_encoder.blocks[0]
+    twin = TimmVisionTransformer(
+        img_size=visual_encoder.patch_embed.img_size, patch_size=visual_encoder.patch_embed.patch_size,
+        embed_dim=width, depth=len(visual_encoder.blocks), num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / width, qkv_bias=True, num_classes=0)
+    twin.load_pretrained(path)
+    return visual_encoder.load_state_dict(twin.state_dict(), strict=False)
 
 
 @torch.no_grad()

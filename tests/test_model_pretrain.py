@@ -4,12 +4,13 @@ weight sharing, vocabulary resize and the optional BERT / ViT initialisation sou
 import json
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
 from model_builders import assert_close, build_model, constructor_kwargs, fixture_dir, load_fixture, zero_dropout
-from models.blip import load_med_config
-from models.blip_pretrain import BLIP_Pretrain, blip_pretrain
+from models.blip import create_vit, load_med_config
+from models.blip_pretrain import BLIP_Pretrain, blip_pretrain, load_vit_weights
 from models.med import BertModel
 
 TASK = "pretrain"
@@ -164,3 +165,46 @@ def test_default_is_offline_and_vit_checkpoint_can_be_skipped():
     assert model.visual_encoder.pos_embed.shape[1] == 5
     with pytest.raises(RuntimeError, match="invalid"):
         BLIP_Pretrain(**kwargs, vit_checkpoint="no/such/file.pth")
+
+
+def write_jax_vit(path, vit):
+    """`vit`'s weights in the JAX .npz layout of Google's ViT checkpoints (what timm reads)."""
+    heads = vit.blocks[0].attn.num_heads
+    width = vit.pos_embed.shape[-1]
+    arrays = {
+        "embedding/kernel": vit.patch_embed.proj.weight.permute(2, 3, 1, 0),
+        "embedding/bias": vit.patch_embed.proj.bias,
+        "cls": vit.cls_token,
+        "Transformer/posembed_input/pos_embedding": vit.pos_embed,
+        "Transformer/encoder_norm/scale": vit.norm.weight,
+        "Transformer/encoder_norm/bias": vit.norm.bias,
+    }
+    for i, block in enumerate(vit.blocks):
+        prefix = f"Transformer/encoderblock_{i}/"
+        mha = prefix + "MultiHeadDotProductAttention_1/"
+        for name, weight, bias in zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3),
+                                      block.attn.qkv.bias.chunk(3)):
+            arrays[f"{mha}{name}/kernel"] = weight.t().reshape(width, heads, -1)
+            arrays[f"{mha}{name}/bias"] = bias.reshape(heads, -1)
+        arrays[f"{mha}out/kernel"] = block.attn.proj.weight.reshape(width, heads, -1).permute(1, 2, 0)
+        arrays[f"{mha}out/bias"] = block.attn.proj.bias
+        for norm, module in (("LayerNorm_0", block.norm1), ("LayerNorm_2", block.norm2)):
+            arrays[f"{prefix}{norm}/scale"] = module.weight
+            arrays[f"{prefix}{norm}/bias"] = module.bias
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            arrays[f"{prefix}MlpBlock_3/Dense_{r}/kernel"] = fc.weight.t()
+            arrays[f"{prefix}MlpBlock_3/Dense_{r}/bias"] = fc.bias
+    numpy.savez(path, **{key: value.detach().numpy() for key, value in arrays.items()})
+
+
+def test_vit_from_jax_npz(tmp_path):
+    """The vit='large' default is timm's in21k .npz; the same path works for any JAX ViT file."""
+    vit_spec = constructor_kwargs(TASK)["vit"]
+    torch.manual_seed(2)
+    source, _ = create_vit(vit_spec, 32)
+    write_jax_vit(tmp_path / "vit.npz", source)
+    target, _ = create_vit(vit_spec, 32)
+    load_vit_weights(target, str(tmp_path / "vit.npz"))
+    expected = source.state_dict()
+    for key, value in target.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
