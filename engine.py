@@ -47,6 +47,8 @@ ENGINE_DEFAULTS = {
     'clip_grad_norm': None,   # max global gradient norm; None: no clipping (the original)
     'text_grad_ckpt': False,  # activation checkpointing of the text transformer layers
     'num_workers': 4,         # data loader workers per split (the original's value)
+    'synthetic': None,        # toy configs: {root, seed, num_images, ...} of data/synthetic.py,
+                              # generated on first use (see prepare_synthetic_data)
 }
 AMP_MODES = ('none', 'bf16', 'fp16')
 
@@ -175,12 +177,40 @@ def check_url(url, what, timeout=20):
                                 f'download it by hand and set the key to the file') from None
 
 
+def prepare_synthetic_data(config):
+    """Generate the synthetic shapes dataset a toy config names, the first time it is used.
+
+    config['synthetic'] = {root, seed, num_images, ...} (keyword arguments of
+    data.synthetic.make_synthetic). Runs before any process group exists, so concurrent
+    torchrun processes serialise on a lock file; the finished marker (root/synthetic.json,
+    written last) tells the others it is done. A no-op for real-data configs.
+    """
+    spec = config.get('synthetic')
+    if not spec:
+        return
+    spec = dict(spec)
+    root = spec.pop('root')
+    if os.path.isfile(os.path.join(root, 'synthetic.json')):
+        return
+    import fcntl
+    from data.synthetic import make_synthetic
+
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(os.path.abspath(root) + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(root, 'synthetic.json')):
+            print(f'generating the synthetic dataset in {root} (first use)', flush=True)
+            make_synthetic(root, **spec)
+
+
 def check_paths(config, config_path, dirs=(), files=()):
     """Fail before any work for a data folder or checkpoint that does not exist.
 
     dirs: keys naming folders (image_root, ...); files: keys naming checkpoint files or URLs
-    (pretrained, ...). Empty values are skipped.
+    (pretrained, ...). Empty values are skipped. A toy config's synthetic dataset is
+    generated first (prepare_synthetic_data).
     """
+    prepare_synthetic_data(config)
     for key in dirs:
         path = config.get(key)
         if path and not os.path.isdir(path):

@@ -429,3 +429,18 @@ def test_sigkill_mid_epoch_then_resume_continues(tmp_path):
         assert torch.equal(value, final['model'][key]), key
     log_lines = (out / 'log.txt').read_text().splitlines()
     assert log_lines == (tmp_path / 'reference' / 'log.txt').read_text().splitlines()
+
+
+def test_prepare_synthetic_data_generates_once(tmp_path, monkeypatch):
+    import data.synthetic
+    root = tmp_path / 'shapes'
+    config = {'synthetic': {'root': str(root), 'seed': 0, 'num_images': 8, 'num_videos': 1}}
+    engine.prepare_synthetic_data(config)
+    assert (root / 'synthetic.json').is_file()
+    assert (root / 'annotation' / 'coco_karpathy_train.json').is_file()
+
+    def fail(*args, **kwargs):
+        raise AssertionError('generated twice')
+    monkeypatch.setattr(data.synthetic, 'make_synthetic', fail)
+    engine.prepare_synthetic_data(config)          # already there: no second generation
+    engine.prepare_synthetic_data({'synthetic': None})  # real-data configs: nothing to do
