@@ -1,0 +1,47 @@
+"""Run a task script as the user would: one plain process, or N processes under torchrun.
+
+Shared by the script tests, so every task is exercised the same way (CPU, gloo, one
+thread per process, a free rendezvous port, a timeout that turns a hang into a failure).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_script(script, *args, nproc=1, timeout=600, check=True, env=None):
+    """Run REPO/script with args; nproc > 1 runs it under torchrun. Returns CompletedProcess.
+
+    With check=True a non-zero exit fails with the script's output in the message.
+    """
+    command = [sys.executable]
+    if nproc > 1:
+        command += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
+                    '--master_addr=127.0.0.1', f'--master_port={free_port()}']
+    command += [str(REPO / script), *map(str, args)]
+    full_env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1', **(env or {})}
+    full_env.pop('RANK', None)
+    full_env.pop('WORLD_SIZE', None)
+    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{" ".join(command)} exited with {result.returncode}\n'
+                             f'--- stdout ---\n{result.stdout[-6000:]}\n'
+                             f'--- stderr ---\n{result.stderr[-6000:]}')
+    return result
+
+
+def read_json_lines(path):
+    """The JSON lines of a log.txt / evaluate.txt."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
