@@ -288,3 +288,32 @@ def test_bf16_autocast_close_to_float32(decoder, base):
     assert (features16.float() - features32).abs().max().item() < 0.1
     cosine = torch.nn.functional.cosine_similarity(features16.float(), features32, dim=-1)
     assert cosine.min().item() > 0.999
+
+
+# ----------------------------------------------------------------------------- 4.15 beam scoring
+
+# Token ids from transformers 4.15's BeamSearchScorer (run on this model's logits with the
+# [SEP] logit raised so that beams finish at different lengths). transformers 5's own beam search
+# returns other sequences for these cases (it normalises by the generated length and finalises
+# differently); the random fixture models never emit [SEP], so only these cases show it.
+LEGACY_BEAM_CASES = [
+    # (sep_boost, image_seed, num_beams, max_length, min_length, expected ids per image)
+    (0.3, 1, 5, 30, 5, [30522, 1037, 3861, 1997, 5586, 102]),
+    (0.35, 3, 3, 20, 5, [30522, 1037, 3861, 1997, 5586, 102]),
+    (0.3, 0, 3, 20, 5, [30522, 1037, 3861, 1997, 5586, 26940, 102]),
+    (0.2, 0, 3, 20, 5, [30522, 1037, 3861, 1997, 5586, 8495, 9697, 102]),
+]
+
+
+@pytest.mark.parametrize("boost,seed,num_beams,max_length,min_length,expected", LEGACY_BEAM_CASES)
+def test_beam_search_scores_finished_beams_as_transformers_4_15(boost, seed, num_beams, max_length, min_length,
+                                                                expected):
+    model = build_model(BLIP_Decoder, "caption")
+    decoder = model.text_decoder
+    with torch.no_grad():
+        decoder.cls.predictions.bias[102] += boost
+        image_embeds = model.visual_encoder(_images(4, seed=seed))
+    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 4)
+    out = decoder.generate(prompt, encoder_hidden_states=image_embeds, num_beams=num_beams, max_length=max_length,
+                           min_length=min_length, eos_token_id=102, pad_token_id=0)
+    assert out.tolist() == [expected] * 4
