@@ -185,8 +185,9 @@ class BertSelfAttention(nn.Module):
     def _attend(self, query, key, value, mask, head_mask, output_attentions):
         capture = self.is_cross_attention and self.save_attention
         if not (output_attentions or capture or head_mask is not None):
-            if mask is not None:
-                mask = mask.to(query.dtype)
+            if mask is not None and mask.dtype != query.dtype:
+                # autocast: the float32 mask goes to the compute dtype; clamp so -1e9 stays finite
+                mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0)
             return context, None

@@ -306,14 +306,20 @@ LEGACY_BEAM_CASES = [
 
 
 @pytest.mark.parametrize("boost,seed,num_beams,max_length,min_length,expected", LEGACY_BEAM_CASES)
-def test_beam_search_scores_finished_beams_as_transformers_4_15(boost, seed, num_beams, max_length, min_length,
-                                                                expected):
-    model = build_model(BLIP_Decoder, "caption")
-    decoder = model.text_decoder
+def test_beam_search_scores_finished_beams_as_transformers_4_15(decoder, boost, seed, num_beams, max_length,
+                                                                min_length, expected):
+    model = decoder[0]
+    bias = model.text_decoder.cls.predictions.bias
     with torch.no_grad():
-        decoder.cls.predictions.bias[102] += boost
         image_embeds = model.visual_encoder(_images(4, seed=seed))
-    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 4)
-    out = decoder.generate(prompt, encoder_hidden_states=image_embeds, num_beams=num_beams, max_length=max_length,
-                           min_length=min_length, eos_token_id=102, pad_token_id=0)
+        original = bias[102].item()
+        bias[102] += boost
+    try:
+        prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 4)
+        out = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, num_beams=num_beams,
+                                          max_length=max_length, min_length=min_length, eos_token_id=102,
+                                          pad_token_id=0)
+    finally:
+        with torch.no_grad():
+            bias[102] = original
     assert out.tolist() == [expected] * 4
