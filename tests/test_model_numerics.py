@@ -4,7 +4,7 @@ attention maps, bf16 autocast."""
 import pytest
 import torch
 
-from model_builders import assert_close, build_model, load_fixture, zero_dropout
+from model_builders import assert_close, build_model, load_fixture
 from models import med, vit
 from models.blip import BLIP_Base, BLIP_Decoder
 from models.med import BertSelfAttention
