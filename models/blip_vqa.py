@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config
-from models.med import BertLMHeadModel, BertModel
+from models.med import BertLMHeadModel, BertModel, smoothed_sequence_loss
 
 
 class BLIP_VQA(nn.Module):
@@ -79,7 +79,7 @@ class BLIP_VQA(nn.Module):
                                               encoder_attention_mask=question.attention_mask.repeat_interleave(counts, dim=0),
                                               use_cache=False,
                                               return_dict=True).logits
-            answer_loss = sequence_lm_loss(answer_logits, answer_targets)
+            answer_loss = smoothed_sequence_loss(answer_logits, answer_targets)
             loss = torch.as_tensor(weights, device=image.device) * answer_loss
             return loss.sum() / image.size(0)
 
@@ -135,31 +135,9 @@ class BLIP_VQA(nn.Module):
         targets_ids = input_ids.masked_fill(input_ids == self.tokenizer.pad_token_id, -100)
         logits = self.text_decoder(input_ids, attention_mask=input_atts, encoder_attention_mask=question_atts,
                                    cross_kv=cross_kv, use_cache=False, return_dict=True).logits
-        log_probs_sum = -sequence_lm_loss(logits, targets_ids).view(num_ques, k)
+        log_probs_sum = -smoothed_sequence_loss(logits, targets_ids).view(num_ques, k)
         best = log_probs_sum.argmax(dim=1)
         return topk_ids.gather(1, best[:, None]).squeeze(1)
-
-
-def sequence_lm_loss(logits, targets, label_smoothing=0.1):
-    """Per-sequence label-smoothed next-token loss, exactly as the original computed it.
-
-    The original calls CrossEntropyLoss(reduction='none', label_smoothing=0.1) under torch
-    1.10, which adds the smoothing term -(0.1/V) * sum_v log p_v at every position, ignored
-    (-100) ones included; later torch versions zero it there. VQA training losses and answer
-    ranking depend on this (a padded, shorter candidate pays the term for its padding), so
-    it is reproduced here. logits: (N, L, V) for input positions; targets: (N, L) input ids
-    with -100 where no loss is due. Position t predicts token t + 1. Returns (N,).
-
-    Written with logsumexp rather than log_softmax so no second (N, L, V) tensor is made.
-    """
-    logits = logits[:, :-1, :].float()
-    targets = targets[:, 1:]
-    log_norm = logits.logsumexp(dim=-1)
-    valid = targets != -100
-    target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(valid, log_norm - target_logits, torch.zeros_like(log_norm))
-    smooth = log_norm - logits.mean(dim=-1)
-    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).sum(dim=1)
 
 
 def blip_vqa(pretrained='', **kwargs):

@@ -604,6 +604,29 @@ class _BeamHypotheses:
         return self.worst_score >= best_sum_logprobs / cur_len ** self.length_penalty
 
 
+def smoothed_sequence_loss(logits, targets, label_smoothing=0.1):
+    """Per-sequence label-smoothed next-token loss, exactly as the original computed it.
+
+    The original calls CrossEntropyLoss(reduction='none', label_smoothing=0.1) under torch
+    1.10, which adds the smoothing term -(0.1/V) * sum_v log p_v at every position, ignored
+    (-100) ones included; later torch versions zero it there. VQA training losses and answer
+    ranking depend on this (a padded, shorter candidate pays the term for its padding), so
+    it is reproduced here: BertLMHeadModel's reduction='none' and BLIP_VQA use it. logits: (N, L, V) for input positions; targets: (N, L) input ids
+    with -100 where no loss is due. Position t predicts token t + 1. Returns (N,).
+
+    Written with logsumexp rather than log_softmax so no second (N, L, V) tensor is made.
+    """
+    logits = logits[:, :-1, :].float()
+    targets = targets[:, 1:]
+    log_norm = logits.logsumexp(dim=-1)
+    valid = targets != -100
+    target_logits = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(valid, log_norm - target_logits, torch.zeros_like(log_norm))
+    smooth = log_norm - logits.mean(dim=-1)
+    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).sum(dim=1)
+
+
+
 class BertLMHeadModel(BertPreTrainedModel, GenerationMixin):
     """The image-grounded text decoder: BertModel (causal) + LM head tied to the word embeddings."""
 
@@ -659,12 +682,12 @@ class BertLMHeadModel(BertPreTrainedModel, GenerationMixin):
         lm_loss = None
         if labels is not None:
             # next-token prediction: position t predicts token t + 1
-            shifted_scores = prediction_scores[:, :-1, :].contiguous()
-            labels = labels[:, 1:].contiguous()
-            lm_loss = F.cross_entropy(shifted_scores.view(-1, shifted_scores.shape[-1]), labels.view(-1),
-                                      reduction=reduction, label_smoothing=0.1)
-            if reduction == 'none':
-                lm_loss = lm_loss.view(prediction_scores.size(0), -1).sum(1)
+            if reduction == 'none':  # one loss per sequence, as the original (torch 1.10) computed it
+                lm_loss = smoothed_sequence_loss(prediction_scores, labels)
+            else:
+                shifted_scores = prediction_scores[:, :-1, :]
+                lm_loss = F.cross_entropy(shifted_scores.reshape(-1, shifted_scores.shape[-1]),
+                                          labels[:, 1:].reshape(-1), reduction=reduction, label_smoothing=0.1)
 
         if not return_dict:
             rest = tuple(v for v in [outputs.past_key_values, outputs.hidden_states, outputs.attentions,

@@ -87,18 +87,29 @@ def test_cross_kv_batch_must_divide(base):
             base.text_encoder(text.input_ids, attention_mask=text.attention_mask, cross_kv=cross_kv)
 
 
-def test_reduction_none_sums_tokens(decoder):
+def test_reduction_none_is_the_originals_per_sequence_loss(decoder):
     model, inputs = decoder
     tokens = model.tokenizer(TEXTS[:3], padding="longest", return_tensors="pt")
     ids = tokens.input_ids.clone()
     ids[:, 0] = model.tokenizer.bos_token_id
     targets = ids.masked_fill(ids == 0, -100)
+    assert (targets == -100).any(), "the texts must differ in length for this test"
     with torch.no_grad():
         image_embeds = model.visual_encoder(inputs["images"])
-        kwargs = dict(attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds, labels=targets)
-        per_sequence = model.text_decoder(ids, reduction="none", **kwargs).loss
-        mean = model.text_decoder(ids, **kwargs).loss
-    assert_close(per_sequence.sum() / (targets[:, 1:] != -100).sum(), mean, what="mean vs per-sequence")
+        kwargs = dict(attention_mask=tokens.attention_mask, encoder_hidden_states=image_embeds)
+        logits = model.text_decoder(ids, **kwargs).logits
+        per_sequence = model.text_decoder(ids, reduction="none", labels=targets, **kwargs).loss
+        # without padding, per-sequence sums are the token mean times the token count
+        full = model.text_decoder(ids, reduction="none", labels=ids, **kwargs).loss
+        mean = model.text_decoder(ids, labels=ids, **kwargs).loss
+    assert_close(full.sum() / ids[:, 1:].numel(), mean, what="mean vs per-sequence")
+    # torch 1.10's CrossEntropyLoss(reduction='none', label_smoothing=0.1), which the original
+    # used: the smoothing term is also added at ignored (-100) positions
+    log_probs = logits[:, :-1].log_softmax(-1)
+    labels = targets[:, 1:]
+    nll = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), labels, reduction="none")
+    expected = (0.9 * nll - 0.1 * log_probs.mean(-1)).sum(1)
+    assert_close(per_sequence, expected, what="per-sequence loss")
 
 
 # ----------------------------------------------------------------------------- generation cache

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model_builders import assert_close, build_model, constructor_kwargs, fixture_dir, load_fixture, zero_dropout
-from models.blip_vqa import BLIP_VQA, blip_vqa, sequence_lm_loss
+from models.blip_vqa import BLIP_VQA, blip_vqa
+from models.med import smoothed_sequence_loss
 
 TASK = "vqa"
 
@@ -123,7 +124,7 @@ def test_rank_matches_repeated_states_reference(model, fixture):
     labels = targets[:, 1:]
     nll = F.nll_loss(log_probs.reshape(-1, 11), labels.reshape(-1), reduction="none").view(3, 4)
     expected = (0.9 * nll - 0.1 / 11 * log_probs.sum(-1)).sum(1)
-    torch.testing.assert_close(sequence_lm_loss(logits, targets), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(smoothed_sequence_loss(logits, targets), expected, rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
