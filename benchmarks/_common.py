@@ -63,9 +63,22 @@ def machine_line(args):
             f"Python {platform.python_version()}")
 
 
+def code_version():
+    """The commit the measured code is at, and which tracked files differ from it."""
+    try:
+        git = lambda *a: subprocess.run(['git', '-C', str(REPO), *a], capture_output=True, text=True,
+                                        check=True).stdout.rstrip()
+        commit = git('rev-parse', '--short', 'HEAD').strip()
+        dirty = [line[3:] for line in git('status', '--porcelain', '--untracked-files=no').splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown (no git)'
+    return commit + (f" (uncommitted changes in {', '.join(dirty)})" if dirty else '')
+
+
 def print_header(name, args, sizes):
     print(f"# {name}  ({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})")
     print(f"machine: {machine_line(args)}")
+    print(f"code: {code_version()}")
     print(f"load average at start (1/5/15 min): {load_average()}")
     print('sizes: ' + ', '.join(f'{k}={v}' for k, v in sizes.items()))
     sys.stdout.flush()
