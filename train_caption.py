@@ -1,0 +1,145 @@
+"""Image captioning on COCO (Karpathy splits): fine-tune BLIP's decoder, score with COCO metrics.
+
+    python train_caption.py --config configs/caption_coco.yaml --output_dir output/caption_coco
+    python train_caption.py --config configs/caption_coco.yaml --evaluate
+    torchrun --nproc_per_node=8 train_caption.py --config configs/caption_coco.yaml amp=bf16
+
+Every epoch (as the original) the val and test images are captioned with beam search
+(`num_beams`, `max_length`, `min_length`; the generated text starts with `prompt`, which is
+cut off), each rank's captions are merged into result/{val,test}_epoch<N>.json and scored
+against the COCO ground truth in `coco_gt_root`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE
+only when its Stanford CoreNLP jars are installed; skipped offline with a warning). The best
+epoch has the highest val CIDEr + BLEU-4 and is kept in checkpoint_best.pth.
+"""
+import datetime
+import os
+import time
+from functools import partial
+
+import torch
+
+import engine
+import utils
+from data import create_dataset, create_loader, create_sampler
+from data.utils import coco_caption_eval, save_result
+from models.blip import blip_decoder
+
+# Keys of configs/caption_coco.yaml, all read below.
+REQUIRED_KEYS = ('image_root', 'ann_root', 'coco_gt_root', 'pretrained', 'vit', 'vit_grad_ckpt',
+                 'vit_ckpt_layer', 'batch_size', 'init_lr', 'image_size', 'max_length', 'min_length',
+                 'num_beams', 'prompt', 'weight_decay', 'min_lr', 'max_epoch')
+# Model options the official config leaves to blip_decoder's defaults (tiny test models set them).
+TASK_DEFAULTS = {'med_config': 'configs/med_config.json'}
+
+
+def train_step(model, batch, epoch, i, num_iters, device):
+    image, caption, _ = batch
+    loss = model(image.to(device, non_blocking=True), caption)
+    return {'loss': loss}
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, config, repetition_penalty=1.0, header='Caption generation:'):
+    """Caption every image of the loader: [{'image_id': int, 'caption': str}] of this rank.
+
+    Beam search over the batch in one call (the decoder reuses each image's cross-attention
+    keys/values at every step); the prompt is already stripped by model.generate.
+    """
+    model.eval()
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    result = []
+    for image, image_id in metric_logger.log_every(data_loader, 10, header):
+        image = image.to(device, non_blocking=True)
+        with engine.autocast(config, device):
+            captions = model.generate(image, sample=False, num_beams=config['num_beams'],
+                                      max_length=config['max_length'], min_length=config['min_length'],
+                                      repetition_penalty=repetition_penalty)
+        for caption, img_id in zip(captions, image_id):
+            result.append({'image_id': int(img_id), 'caption': caption})
+    return result
+
+
+def main(args, config, device):
+    #### Dataset ####
+    print('Creating captioning dataset')
+    train_dataset, val_dataset, test_dataset = create_dataset('caption_coco', config)
+    # val/test are split over ranks too; the padded repeats are dropped by save_result
+    samplers = create_sampler([train_dataset, val_dataset, test_dataset], [True, False, False],
+                              utils.get_world_size(), utils.get_rank())
+    train_loader, val_loader, test_loader = create_loader(
+        [train_dataset, val_dataset, test_dataset], samplers,
+        batch_size=[config['batch_size']] * 3, num_workers=[config['num_workers']] * 3,
+        is_trains=[True, False, False], collate_fns=[None, None, None])
+
+    #### Model ####
+    print('Creating model')
+    model = blip_decoder(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
+                         vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
+                         prompt=config['prompt'], med_config=config['med_config'])
+    model = model.to(device)
+    if config['text_grad_ckpt']:
+        engine.set_text_grad_checkpointing(model)
+    model, model_without_ddp = engine.wrap_model(model, args)
+
+    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
+                                  weight_decay=config['weight_decay'])
+    scaler = engine.make_grad_scaler(config, device)
+    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+
+    print('Start training')
+    start_time = time.time()
+    for epoch in range(state.start_epoch, config['max_epoch']):
+        if not args.evaluate:
+            engine.set_epoch(train_loader, epoch)
+            utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                 partial(train_step, device=device), scaler=scaler,
+                                                 state=state, header=f'Train Caption Epoch: [{epoch}]')
+
+        val_result = evaluate(model_without_ddp, val_loader, device, config)
+        val_result_file = save_result(val_result, args.result_dir, f'val_epoch{epoch}', remove_duplicate='image_id')
+        test_result = evaluate(model_without_ddp, test_loader, device, config)
+        test_result_file = save_result(test_result, args.result_dir, f'test_epoch{epoch}', remove_duplicate='image_id')
+
+        if utils.is_main_process():
+            coco_val = coco_caption_eval(config['coco_gt_root'], val_result_file, 'val')
+            coco_test = coco_caption_eval(config['coco_gt_root'], test_result_file, 'test')
+
+            if args.evaluate:
+                engine.log_json(args.output_dir, {**{f'val_{k}': v for k, v in coco_val.eval.items()},
+                                                  **{f'test_{k}': v for k, v in coco_test.eval.items()}},
+                                filename='evaluate.txt')
+            else:
+                # as the original: the best epoch by val CIDEr + BLEU-4
+                score = float(coco_val.eval['CIDEr'] + coco_val.eval['Bleu_4'])  # (a plain float for the checkpoint)
+                if score > state.best:
+                    state.best, state.best_epoch = score, epoch
+                    engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
+                                      model_without_ddp, optimizer, config, epoch)
+                engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                                  **{f'val_{k}': v for k, v in coco_val.eval.items()},
+                                                  **{f'test_{k}': v for k, v in coco_test.eval.items()},
+                                                  'epoch': epoch, 'best_epoch': state.best_epoch})
+        if args.evaluate:
+            break
+
+        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.end_epoch(device)
+
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+
+
+def run(argv=None):
+    args, config = engine.parse_args_and_config(
+        'BLIP image captioning (COCO Karpathy splits)', './configs/caption_coco.yaml', 'output/Caption_coco',
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+    engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
+    device = engine.setup(args, config)
+    args.result_dir = os.path.join(args.output_dir, 'result')
+    os.makedirs(args.result_dir, exist_ok=True)
+    main(args, config, device)
+
+
+if __name__ == '__main__':
+    run()
