@@ -76,12 +76,36 @@ def evaluation(model, data_loader, device, config):
     the one-process result exactly.
     """
     model.eval()
-    k_test = config['k_test']
     metric_logger = utils.MetricLogger(delimiter='  ')
     print('Computing features for evaluation...')
     start_time = time.time()
 
-    texts = data_loader.dataset.text
+    text_ids, text_atts, text_embeds = text_features(model, data_loader.dataset.text, device, config)
+
+    image_feats, image_embeds = [], []
+    for image, _ in metric_logger.log_every(data_loader, 50, 'Image features:'):
+        image = image.to(device)
+        with engine.autocast(config, device):
+            image_feat = model.visual_encoder(image)
+            image_embed = model.vision_proj(image_feat[:, 0, :])
+        image_feats.append(image_feat.cpu())  # kept on the host, as the original
+        image_embeds.append(F.normalize(image_embed.float(), dim=-1))
+    image_feats = torch.cat(image_feats, dim=0)
+    image_embeds = torch.cat(image_embeds, dim=0)
+
+    sims_matrix = image_embeds @ text_embeds.t()
+    score_matrix_i2t, score_matrix_t2i = rerank(model, sims_matrix, image_feats, text_ids, text_atts,
+                                                device, config)
+
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Evaluation time {total_time_str}')
+    return score_matrix_i2t.cpu().numpy(), score_matrix_t2i.cpu().numpy()
+
+
+@torch.no_grad()
+def text_features(model, texts, device, config):
+    """(token ids with [ENC] first, for ITM; attention masks; normalised ITC features) of texts."""
+    metric_logger = utils.MetricLogger(delimiter='  ')
     text_ids, text_atts, text_embeds = [], [], []
     for i in metric_logger.log_every(range(0, len(texts), TEXT_BATCH), 50, 'Text features:'):
         text_input = model.tokenizer(texts[i:i + TEXT_BATCH], padding='max_length', truncation=True,
@@ -97,19 +121,20 @@ def evaluation(model, data_loader, device, config):
     text_ids = torch.cat(text_ids, dim=0)
     text_atts = torch.cat(text_atts, dim=0)
     text_ids[:, 0] = model.tokenizer.enc_token_id  # ITM reads [ENC] first
+    return text_ids, text_atts, text_embeds
 
-    image_feats, image_embeds = [], []
-    for image, _ in metric_logger.log_every(data_loader, 50, 'Image features:'):
-        image = image.to(device)
-        with engine.autocast(config, device):
-            image_feat = model.visual_encoder(image)
-            image_embed = model.vision_proj(image_feat[:, 0, :])
-        image_feats.append(image_feat.cpu())  # kept on the host, as the original
-        image_embeds.append(F.normalize(image_embed.float(), dim=-1))
-    image_feats = torch.cat(image_feats, dim=0)
-    image_embeds = torch.cat(image_embeds, dim=0)
 
-    sims_matrix = image_embeds @ text_embeds.t()
+@torch.no_grad()
+def rerank(model, sims_matrix, image_feats, text_ids, text_atts, device, config):
+    """The two score matrices (tensors) from ITC similarities (images x texts) and ITM.
+
+    image_feats: (images, tokens, width) visual encoder outputs (the cross-attention input),
+    on any device; text_ids / text_atts from text_features. Each rank re-ranks its rows and
+    the result is summed over ranks (see evaluation). eval_retrieval_video.py uses it with
+    videos in place of images.
+    """
+    k_test = config['k_test']
+    metric_logger = utils.MetricLogger(delimiter='  ')
     num_images, num_texts = sims_matrix.shape
 
     # top-k candidates of this rank's image rows and text rows
@@ -155,10 +180,7 @@ def evaluation(model, data_loader, device, config):
         utils.barrier()
         utils.all_reduce_sum(score_matrix_i2t)
         utils.all_reduce_sum(score_matrix_t2i)
-
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Evaluation time {total_time_str}')
-    return score_matrix_i2t.cpu().numpy(), score_matrix_t2i.cpu().numpy()
+    return score_matrix_i2t, score_matrix_t2i
 
 
 @torch.no_grad()
