@@ -1,0 +1,140 @@
+"""BLIP pre-training: image-text contrastive (ITC), image-text matching (ITM) and language
+modelling (LM) losses on image-caption pairs, optionally with a new LAION shard each epoch.
+
+    python pretrain.py --config configs/pretrain.yaml --output_dir output/Pretrain
+    torchrun --nproc_per_node=8 pretrain.py --config configs/pretrain.yaml amp=bf16 accum_steps=2
+    python pretrain.py --config configs/pretrain.yaml --checkpoint output/Pretrain/checkpoint_04.pth
+
+As the original: the learning rate warms up linearly over the first `warmup_steps` steps of
+epoch 0, then decays by `lr_decay_rate` per epoch (step_lr_schedule); the distillation
+weight alpha ramps up over the first two epochs; every epoch writes checkpoint_%02d.pth.
+checkpoint_last.pth (also written every epoch) holds what an interrupted run needs to
+continue; a run restarted in the same --output_dir continues from it, and --checkpoint
+(alias --resume) continues from any of those files, the original's included.
+
+New config keys (defaults reproduce the original): `vit_checkpoint` ('default': the
+original's ImageNet ViT weights; '' or null: random; or a file / URL) and `bert_checkpoint`
+(the BERT weights the text encoder and decoder start from; '' or null: random).
+"""
+import datetime
+import os
+import time
+from functools import partial
+
+import torch
+
+import engine
+import utils
+from data import create_dataset, create_loader, create_sampler
+from models.blip_pretrain import DEFAULT_VIT_CHECKPOINTS, blip_pretrain
+
+# Keys of configs/pretrain.yaml, all read below.
+REQUIRED_KEYS = ('train_file', 'vit', 'vit_grad_ckpt', 'vit_ckpt_layer', 'image_size', 'batch_size',
+                 'queue_size', 'alpha', 'weight_decay', 'init_lr', 'min_lr', 'warmup_lr', 'lr_decay_rate',
+                 'max_epoch', 'warmup_steps')
+TASK_DEFAULTS = {
+    'laion_path': '',                       # folder of LAION *.json shards; '' for none
+    'med_config': 'configs/bert_config.json',
+    'embed_dim': 256,
+    'momentum': 0.995,
+    'vit_checkpoint': 'default',            # the original: DeiT-B (base) / in21k ViT-L (large)
+    'bert_checkpoint': 'bert-base-uncased',  # the original: BertModel.from_pretrained('bert-base-uncased')
+}
+MIN_SCALE = 0.2  # random-resized-crop scale of pre-training (fine-tuning uses 0.5)
+
+
+def train_step(model, batch, epoch, i, num_iters, config, device):
+    image, caption = batch
+    image = image.to(device, non_blocking=True)
+    # the distillation weight ramps up over the first two epochs
+    alpha = config['alpha'] * min(1, (epoch * num_iters + i) / (2 * num_iters))
+    loss_ita, loss_itm, loss_lm = model(image, caption, alpha=alpha)
+    return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
+
+
+def build_loader(dataset, config):
+    sampler = create_sampler([dataset], [True], utils.get_world_size(), utils.get_rank())
+    return create_loader([dataset], sampler, batch_size=[config['batch_size']],
+                         num_workers=[config['num_workers']], is_trains=[True], collate_fns=[None])[0]
+
+
+def check_train_files(config, config_path):
+    files = config['train_file']
+    files = [files] if isinstance(files, str) else files
+    if not files:
+        raise ValueError(f'{config_path}: train_file lists no annotation file')
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{config_path}: train_file: annotation file {path!r} does not exist')
+
+
+def main(args, config, device):
+    #### Dataset ####
+    print('Creating dataset')
+    dataset = create_dataset('pretrain', config, min_scale=MIN_SCALE)
+    print(f'number of training samples: {len(dataset)}')
+    data_loader = build_loader(dataset, config)
+
+    #### Model ####
+    print('Creating model')
+    model = blip_pretrain(image_size=config['image_size'], vit=config['vit'], vit_grad_ckpt=config['vit_grad_ckpt'],
+                          vit_ckpt_layer=config['vit_ckpt_layer'], queue_size=config['queue_size'],
+                          med_config=config['med_config'], embed_dim=config['embed_dim'],
+                          momentum=config['momentum'], vit_checkpoint=config['vit_checkpoint'] or None,
+                          bert_checkpoint=config['bert_checkpoint'] or None)
+    model = model.to(device)
+    if config['text_grad_ckpt']:
+        engine.set_text_grad_checkpointing(model)
+    model, model_without_ddp = engine.wrap_model(model, args)
+
+    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
+                                  weight_decay=config['weight_decay'])
+    scaler = engine.make_grad_scaler(config, device)
+    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+
+    print('Start training')
+    start_time = time.time()
+    for epoch in range(state.start_epoch, config['max_epoch']):
+        utils.step_lr_schedule(optimizer, epoch, config['init_lr'], config['min_lr'], config['lr_decay_rate'])
+        if config['laion_path']:
+            # this epoch's LAION shard; the shard's size may differ, so the sampler is rebuilt
+            dataset.reload_laion(epoch)
+            data_loader = build_loader(dataset, config)
+        engine.set_epoch(data_loader, epoch)
+
+        # linear warm-up during the first epoch, one value per optimizer step
+        warmup = None
+        if epoch == 0:
+            warmup = partial(utils.warmup_lr_schedule, optimizer, max_step=config['warmup_steps'],
+                             init_lr=config['warmup_lr'], max_lr=config['init_lr'])
+        train_stats = engine.train_one_epoch(model, data_loader, optimizer, epoch, device, config,
+                                             partial(train_step, config=config, device=device),
+                                             scaler=scaler, state=state, lr_fn=warmup, window_size=50)
+
+        engine.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
+                          model_without_ddp, optimizer, config, epoch)
+        engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.end_epoch(device)
+
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+
+
+def run(argv=None):
+    args, config = engine.parse_args_and_config(
+        'BLIP pre-training (ITC + ITM + LM)', './configs/pretrain.yaml', 'output/Pretrain',
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+    if args.evaluate:
+        raise SystemExit('pretrain.py has no evaluation: run it without --evaluate')
+    engine.check_paths(config, args.config, dirs=['laion_path'],
+                       files=[] if config['vit_checkpoint'] == 'default' else ['vit_checkpoint'])
+    if config['vit_checkpoint'] == 'default' and DEFAULT_VIT_CHECKPOINTS.get(str(config['vit'])):
+        engine.check_url(DEFAULT_VIT_CHECKPOINTS[config['vit']], f'{args.config}: vit_checkpoint (default)')
+    check_train_files(config, args.config)
+    device = engine.setup(args, config)
+    main(args, config, device)
+
+
+if __name__ == '__main__':
+    run()

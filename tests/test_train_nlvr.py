@@ -1,0 +1,187 @@
+"""train_nlvr.py: exact accuracy under any split of the work, the toy run (loss falls,
+accuracy above the majority rule), one vs two processes, bad input."""
+import contextlib
+import random
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from conftest import REPO
+from script_runner import read_json_lines, run_script
+
+import train_nlvr
+import utils
+
+TOY_CONFIG = REPO / 'configs' / 'shapes' / 'nlvr.yaml'
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run in-process script calls on one thread, as script_runner does for subprocesses
+    (two threads per process thrash when several processes share the two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class SwappingPairs(Dataset):
+    """(image0, image1, sentence, label) items that, like nlvr_dataset, swap the images at random."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        left, right = torch.full((1,), float(index)), torch.full((1,), -1.0)
+        if random.random() < 0.5:
+            left, right = right, left
+        return left, right, f'sentence {index}', self.labels[index]
+
+
+def test_eval_share_covers_every_sample_once_with_a_fixed_swap():
+    dataset = SwappingPairs([0, 1] * 5)
+    seen = {}
+    for world_size in (1, 2, 3):
+        indices = []
+        for rank in range(world_size):
+            share = train_nlvr.EvalShare(dataset, seed=7, rank=rank, world_size=world_size)
+            for i in range(len(share)):
+                random.seed(1000 * world_size + rank + i)  # the caller's stream: must not matter
+                state = random.getstate()
+                left, right, sentence, label = share[i]
+                assert random.getstate() == state  # and must be left as it was
+                index = int(sentence.split()[1])
+                indices.append(index)
+                # the same (seed, index) draws the same order under every split
+                assert seen.setdefault(index, (left.item(), right.item())) == (left.item(), right.item())
+        assert sorted(indices) == list(range(10))
+    orders = [seen[i] for i in range(10)]
+    assert 0 < sum(left == -1.0 for left, _ in orders) < 10  # both orders occur
+
+
+class ParityModel(torch.nn.Module):
+    """Predicts class 1 for even sample numbers (read from the left or right image)."""
+
+    def forward(self, images, text, targets, train=False):
+        numbers = images.view(2, -1).max(dim=0).values
+        even = (numbers % 2 == 0).float()
+        return torch.stack([1 - even, even], dim=1)
+
+
+def test_accuracy_sums_correct_answers_and_counts_over_ranks(monkeypatch):
+    # 5 samples: ranks hold 3 and 2 of them, so the mean of the two rank accuracies differs
+    # from the overall accuracy
+    labels = [0, 0, 0, 0, 0]           # ParityModel predicts 1, 0, 1, 0, 1: correct for 1 and 3
+    dataset = SwappingPairs(labels)
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
+    local = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(utils, 'get_rank', lambda rank=rank: rank)
+        monkeypatch.setattr(utils, 'all_reduce_sum', lambda t, rank=rank: local.setdefault(rank, t.clone()))
+        train_nlvr.evaluate(ParityModel(), train_nlvr.eval_loader(dataset, 2, 0, seed=0),
+                            torch.device('cpu'), {})
+    assert local[0].tolist() == [0.0, 3.0] and local[1].tolist() == [2.0, 2.0]
+    # what each rank reports once the (here simulated) all-reduce has summed both
+    monkeypatch.setattr(utils, 'all_reduce_sum', lambda t: local[0] + local[1])
+    stats = train_nlvr.evaluate(ParityModel(), train_nlvr.eval_loader(dataset, 2, 0, seed=0),
+                                torch.device('cpu'), {})
+    assert stats == {'acc': '0.4000'}  # 2 of 5; the mean of rank means would be 0.5
+
+
+# --------------------------------------------------------------------------- the script on toy data
+
+def toy_argv(output_dir, *overrides):
+    return ['--config', str(TOY_CONFIG), '--output_dir', str(output_dir), '--device', 'cpu', *overrides]
+
+
+@pytest.fixture(scope='module')
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('nlvr_toy')
+    with one_thread():
+        train_nlvr.run(toy_argv(out))
+    return out
+
+
+def training_split_accuracy(checkpoint):
+    """Accuracy of a checkpoint (None: untrained) on the training statements with the eval
+    transform, and the majority rule's accuracy there."""
+    from data import create_dataset, eval_transform
+    from models.blip_nlvr import blip_nlvr
+    config = utils.load_config(TOY_CONFIG)
+    train_set, _, _ = create_dataset('nlvr', config)
+    train_set.transform = eval_transform(config['image_size'])
+    model = blip_nlvr(pretrained=str(checkpoint or ''), image_size=config['image_size'], vit=config['vit'],
+                      med_config=config['med_config'])
+    with one_thread():
+        stats = train_nlvr.evaluate(model, train_nlvr.eval_loader(train_set, 64, 0, seed=0),
+                                    torch.device('cpu'), {})
+    labels = [str(ann['label']) == 'True' for ann in train_set.annotation]
+    majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    return float(stats['acc']), majority
+
+
+def test_toy_run_learns_and_keeps_the_best_epoch(toy_run):
+    config = utils.load_config(TOY_CONFIG)
+    lines = read_json_lines(toy_run / 'log.txt')
+    assert [line['epoch'] for line in lines] == list(range(config['max_epoch']))
+    assert list(lines[0]) == ['train_lr', 'train_loss', 'val_acc', 'test_acc', 'epoch', 'best_epoch']
+    assert all(len(line['val_acc'].split('.')[1]) == 4 for line in lines)  # the original's '{:.4f}'
+    # the loss falls ...
+    assert float(lines[-1]['train_loss']) < float(lines[0]['train_loss']) - 0.02
+    # ... and the trained model beats the majority rule on the statements it learnt from
+    # (what a tiny model learns here in seconds: which statements tend to be false; judging
+    # the images themselves takes far longer from scratch, so dev accuracy stays near chance)
+    accuracy, majority = training_split_accuracy(toy_run / 'checkpoint_last.pth')
+    untrained, _ = training_split_accuracy(None)
+    assert accuracy > majority + 0.03 and accuracy > untrained + 0.03, (accuracy, majority, untrained)
+
+    # checkpoint_best.pth is the epoch with the best dev accuracy (first one on ties), as the original
+    val = [float(line['val_acc']) for line in lines]
+    best_epoch = val.index(max(val))
+    assert lines[-1]['best_epoch'] == best_epoch
+    best = torch.load(toy_run / 'checkpoint_best.pth', weights_only=True)
+    assert set(best) == {'model', 'optimizer', 'config', 'epoch'} and best['epoch'] == best_epoch
+
+
+def test_two_processes_evaluate_as_one(toy_run, tmp_path):
+    checkpoint = toy_run / 'checkpoint_last.pth'
+    # one process, --evaluate: the original writes the accuracies to log.txt
+    with one_thread():
+        train_nlvr.run(toy_argv(tmp_path / 'one', '--evaluate', f'pretrained={checkpoint}'))
+    (single,) = read_json_lines(tmp_path / 'one' / 'log.txt')
+    assert list(single) == ['val_acc', 'test_acc']
+
+    # two processes: one DDP training epoch at learning rate 0 (the weights stay as they are),
+    # then the evaluation, each rank scoring its share of the samples
+    run_script('train_nlvr.py', *toy_argv(tmp_path / 'two', f'pretrained={checkpoint}', 'max_epoch=1',
+                                          'init_lr=0', 'min_lr=0'), nproc=2)
+    (double,) = read_json_lines(tmp_path / 'two' / 'log.txt')
+    assert (double['val_acc'], double['test_acc']) == (single['val_acc'], single['test_acc'])
+    trained = torch.load(tmp_path / 'two' / 'checkpoint_last.pth', weights_only=True)
+    assert len(trained['rng_states']) == 2 and trained['global_step'] > 0
+
+
+def test_bad_input_fails_before_training(tmp_path, capsys):
+    out = tmp_path / 'out'
+    with pytest.raises(FileNotFoundError, match='image_root.*no_such_folder'):
+        train_nlvr.run(toy_argv(out, f'image_root={tmp_path / "no_such_folder"}'))
+    with pytest.raises(FileNotFoundError, match='pretrained.*missing.pth'):
+        train_nlvr.run(toy_argv(out, f'pretrained={tmp_path / "missing.pth"}'))
+    with pytest.raises(SystemExit):
+        train_nlvr.run(toy_argv(out, 'batch_size=8'))
+    assert "unknown config key 'batch_size'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_official_config_passes_the_key_checks():
+    import engine
+    args, config = engine.parse_args_and_config('t', str(REPO / 'configs' / 'nlvr.yaml'), 'out',
+                                                defaults=train_nlvr.TASK_DEFAULTS,
+                                                required=train_nlvr.REQUIRED_KEYS, known=(), argv=[])
+    assert config['med_config'] == 'configs/med_config.json' and config['image_size'] == 384

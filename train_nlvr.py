@@ -1,0 +1,181 @@
+"""NLVR2: fine-tune BLIP to judge whether a statement is true of a pair of images.
+
+    python train_nlvr.py --config configs/nlvr.yaml --output_dir output/NLVR
+    python train_nlvr.py --config configs/nlvr.yaml --evaluate
+    torchrun --nproc_per_node=8 train_nlvr.py --config configs/nlvr.yaml amp=bf16
+
+Each epoch trains with cross-entropy, then reports accuracy on the dev ('val') and test
+splits; checkpoint_best.pth is the epoch with the best dev accuracy, as the original.
+
+Evaluation is exact under any number of processes: each rank scores its own share of a
+split (no DistributedSampler padding, so no sample counts twice) and the counts of correct
+answers and of samples are summed over ranks before dividing. The dataset swaps the two
+images (and 'left'/'right') at random in every split, as the original; here each sample
+draws its swap from a seed of its own during evaluation, so the accuracy does not depend
+on the number of processes, the loader workers or what ran before.
+"""
+import datetime
+import os
+import random
+import time
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import engine
+import utils
+from data import create_dataset, create_loader, create_sampler
+from models.blip_nlvr import blip_nlvr
+
+# Keys of configs/nlvr.yaml, all read below.
+REQUIRED_KEYS = ('image_root', 'ann_root', 'pretrained', 'vit', 'batch_size_train', 'batch_size_test',
+                 'vit_grad_ckpt', 'vit_ckpt_layer', 'max_epoch', 'image_size', 'weight_decay', 'init_lr',
+                 'min_lr')
+# Model options the official config leaves to blip_nlvr's defaults (tiny test models set them).
+TASK_DEFAULTS = {'med_config': 'configs/med_config.json'}
+STATS_FMT = '{:.4f}'  # the original's format of logged train and eval numbers
+
+
+def train_step(model, batch, epoch, i, num_iters, device):
+    image0, image1, text, targets = batch
+    # left images first, then right images: the model splits the batch in two
+    images = torch.cat([image0, image1], dim=0).to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    loss = model(images, text, targets=targets, train=True)
+    return {'loss': loss}
+
+
+class EvalShare(Dataset):
+    """This rank's share of an evaluation split (every world_size-th sample), each sample
+    drawn with its own seed.
+
+    The NLVR2 dataset swaps the two images with probability 0.5 using Python's global
+    `random`; seeding it per sample (and restoring the caller's state afterwards) makes the
+    swap a function of (seed, index) only.
+    """
+
+    def __init__(self, dataset, seed, rank=0, world_size=1):
+        self.dataset = dataset
+        self.indices = range(rank, len(dataset), world_size)
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        outer_state = random.getstate()
+        random.seed(self.seed * 1_000_003 + index)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(outer_state)
+
+
+def eval_loader(dataset, batch_size, num_workers, seed):
+    share = EvalShare(dataset, seed, utils.get_rank(), utils.get_world_size())
+    return DataLoader(share, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                      pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, config):
+    """Accuracy over every rank's share: {'acc': '0.8125'} (a fraction, formatted as the original)."""
+    model.eval()
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for image0, image1, text, targets in metric_logger.log_every(data_loader, 50, 'Evaluation:'):
+        images = torch.cat([image0, image1], dim=0).to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with engine.autocast(config, device):
+            prediction = model(images, text, targets=targets, train=False)
+        correct += (prediction.argmax(dim=1) == targets).sum()
+        count += targets.size(0)
+
+    # sum correct answers and samples over ranks, then divide (not a mean of rank means)
+    totals = utils.all_reduce_sum(torch.stack([correct, count]))
+    correct, count = totals.tolist()
+    if count == 0:
+        raise ValueError('evaluation split is empty')
+    accuracy = correct / count
+    print(f'Averaged stats: acc: {accuracy:.4f} ({int(correct)}/{int(count)})')
+    return {'acc': STATS_FMT.format(accuracy)}
+
+
+def main(args, config, device):
+    #### Dataset ####
+    print('Creating dataset')
+    train_dataset, val_dataset, test_dataset = create_dataset('nlvr', config)
+    train_sampler = create_sampler([train_dataset], [True], utils.get_world_size(), utils.get_rank())
+    (train_loader,) = create_loader([train_dataset], train_sampler, batch_size=[config['batch_size_train']],
+                                    num_workers=[config['num_workers']], is_trains=[True], collate_fns=[None])
+    val_loader, test_loader = (eval_loader(dataset, config['batch_size_test'], config['num_workers'], args.seed)
+                               for dataset in (val_dataset, test_dataset))
+
+    #### Model ####
+    print('Creating model')
+    model = blip_nlvr(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
+                      vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
+                      med_config=config['med_config'])
+    model = model.to(device)
+    if config['text_grad_ckpt']:
+        engine.set_text_grad_checkpointing(model)
+    model, model_without_ddp = engine.wrap_model(model, args)
+
+    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
+                                  weight_decay=config['weight_decay'])
+    scaler = engine.make_grad_scaler(config, device)
+    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+
+    print('Start training')
+    start_time = time.time()
+    for epoch in range(state.start_epoch, config['max_epoch']):
+        if not args.evaluate:
+            engine.set_epoch(train_loader, epoch)
+            utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                 partial(train_step, device=device), scaler=scaler,
+                                                 state=state, window_size=50, stats_fmt=STATS_FMT)
+
+        val_stats = evaluate(model_without_ddp, val_loader, device, config)
+        test_stats = evaluate(model_without_ddp, test_loader, device, config)
+
+        if utils.is_main_process():
+            if args.evaluate:
+                engine.log_json(args.output_dir, {**{f'val_{k}': v for k, v in val_stats.items()},
+                                                  **{f'test_{k}': v for k, v in test_stats.items()}})
+            else:
+                # as the original: compared at the logged precision; best dev accuracy wins
+                if float(val_stats['acc']) > state.best:
+                    state.best, state.best_epoch = float(val_stats['acc']), epoch
+                    engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
+                                      model_without_ddp, optimizer, config, epoch)
+                engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                                  **{f'val_{k}': v for k, v in val_stats.items()},
+                                                  **{f'test_{k}': v for k, v in test_stats.items()},
+                                                  'epoch': epoch, 'best_epoch': state.best_epoch})
+        if args.evaluate:
+            break
+
+        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.end_epoch(device)
+
+    if not args.evaluate:
+        print(f'best epoch: {state.best_epoch}')
+    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total_time_str}')
+
+
+def run(argv=None):
+    args, config = engine.parse_args_and_config(
+        'BLIP NLVR2 fine-tuning and evaluation', './configs/nlvr.yaml', 'output/NLVR',
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+    engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
+    device = engine.setup(args, config)
+    main(args, config, device)
+
+
+if __name__ == '__main__':
+    run()
