@@ -10,6 +10,7 @@
 - `coco_caption_eval` / `caption_eval`: BLEU-1..4, METEOR, ROUGE-L, CIDEr with
   pycocoevalcap's scorers; SPICE only when its Stanford CoreNLP jars are present.
 """
+import atexit
 import json
 import os
 import re
@@ -331,7 +332,6 @@ def caption_eval(gt_file, results_file, use_spice=None):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.eval import COCOEvalCap
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
@@ -374,7 +374,7 @@ def caption_eval(gt_file, results_file, use_spice=None):
     gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
 
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
-               (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+               (_meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
     if use_spice is None:
         use_spice = spice_available()
         if not use_spice:
@@ -393,8 +393,6 @@ def caption_eval(gt_file, results_file, use_spice=None):
         else:
             coco_eval.setEval(score, method)
             coco_eval.setImgToEvalImgs(scores, gts.keys(), method)
-        if isinstance(scorer, Meteor):
-            _close_meteor(scorer)
     coco_eval.setEvalImgs()
 
     for metric, score in coco_eval.eval.items():
@@ -402,13 +400,31 @@ def caption_eval(gt_file, results_file, use_spice=None):
     return coco_eval
 
 
+_METEOR = None
+
+
+def _meteor():
+    """One METEOR scorer per process, started at first use and kept alive.
+
+    Starting its java process (and loading the paraphrase tables) takes seconds; caption
+    training scores val and test every epoch, so the process is reused and closed at exit.
+    """
+    global _METEOR
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+        _METEOR = Meteor()
+        atexit.register(_close_meteor, _METEOR)
+    return _METEOR
+
+
 def _close_meteor(meteor):
     # The METEOR java process otherwise lives until garbage collection (its __del__
     # repeats these calls harmlessly).
     with meteor.lock:
-        meteor.meteor_p.stdin.close()
-        meteor.meteor_p.kill()
-        meteor.meteor_p.wait()
+        if meteor.meteor_p.poll() is None:
+            meteor.meteor_p.stdin.close()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
 
 
 def coco_caption_eval(coco_gt_root, results_file, split):

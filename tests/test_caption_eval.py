@@ -172,3 +172,12 @@ def test_save_result_with_two_gloo_processes(tmp_path):
     mp.spawn(_save_result_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     assert sorted(os.listdir(tmp_path)) == ["test_epoch1.json", "test_epoch1_rank0.json",
                                             "test_epoch1_rank1.json"]
+
+
+def test_meteor_process_is_reused_across_calls():
+    import data.utils as data_utils
+    first = data_utils._meteor()
+    assert data_utils._meteor() is first            # one java process per Python process
+    data_utils._close_meteor(first)
+    second = data_utils._meteor()                   # a dead process is replaced
+    assert second is not first and second.meteor_p.poll() is None
