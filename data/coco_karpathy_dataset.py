@@ -30,12 +30,15 @@ def coco_image_id(image_path):
     return int(image_path.split("/")[-1].strip(".jpg").split("_")[-1])
 
 
-class coco_karpathy_train(Dataset):
+class karpathy_train(Dataset):
     """Items (image, prompt + caption, img_idx): img_idx numbers the distinct image_ids
-    in order of first appearance (the positive-pair index of the retrieval ITC loss)."""
+    in order of first appearance (the positive-pair index of the retrieval ITC loss).
+    Subclasses name their annotation file (COCO and Flickr30k share the format)."""
+
+    ann_name = None
 
     def __init__(self, transform, image_root, ann_root, max_words=30, prompt=""):
-        self.ann_file = fetch_annotation(ann_root, "coco_karpathy_train.json")
+        self.ann_file = fetch_annotation(ann_root, self.ann_name)
         self.annotation = load_json_list(
             self.ann_file, {"image": str, "caption": str, "image_id": (str, int)})
         self.transform = transform
@@ -56,6 +59,10 @@ class coco_karpathy_train(Dataset):
         image = self.transform(image)
         caption = self.prompt + pre_caption(ann["caption"], self.max_words)
         return image, caption, self.img_ids[ann["image_id"]]
+
+
+class coco_karpathy_train(karpathy_train):
+    ann_name = "coco_karpathy_train.json"
 
 
 class coco_karpathy_caption_eval(Dataset):
