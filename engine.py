@@ -22,6 +22,7 @@ state saved at the end of the previous one (model, optimizer, scaler, counters, 
 RNG states), so it continues as the uninterrupted run would have.
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -233,10 +234,17 @@ def wrap_model(model, args, find_unused_parameters=False):
         return model, model
     device_ids = [args.gpu] if next(model.parameters()).is_cuda else None
     # No buffer broadcast from rank 0 before every forward: BLIP's only changing buffers are
-    # the ITC queues, which every rank already updates identically from gathered features
-    # (at full size they are ~118 MB, which DDP would otherwise copy at every step).
-    ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                  find_unused_parameters=find_unused_parameters)
+    # the ITC queues, which every rank updates identically from gathered features (at full
+    # size they are ~118 MB, which DDP would otherwise copy at every step). They must start
+    # equal, though (each rank built its random queues from its own seed): broadcast once.
+    if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:
+        no_forward_sync = {'forward_sync_buffers': False}
+    else:
+        no_forward_sync = {'broadcast_buffers': False}
+    ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                  find_unused_parameters=find_unused_parameters, **no_forward_sync)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return ddp, model
 
 
@@ -258,6 +266,25 @@ def set_text_grad_checkpointing(model, enabled=True):
         raise ValueError(f'text_grad_ckpt: {type(model).__name__} has no text layers that '
                          f'support activation checkpointing')
     return changed
+
+
+def prepare_training(model, args, config, device):
+    """Everything between building a task's model and its epoch loop, the same for every task.
+
+    Moves the model to the device, turns on text activation checkpointing when the config
+    asks (text_grad_ckpt), wraps it in DDP when a process group exists, builds the original's
+    AdamW (init_lr, weight_decay) and the GradScaler (amp), and resumes (--resume or the output
+    folder's last checkpoint). Returns (model, model_without_ddp, optimizer, scaler, state).
+    """
+    model = model.to(device)
+    if config['text_grad_ckpt']:
+        set_text_grad_checkpointing(model)
+    model, model_without_ddp = wrap_model(model, args)
+    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
+                                  weight_decay=config['weight_decay'])
+    scaler = make_grad_scaler(config, device)
+    state = resume(args, model_without_ddp, optimizer, scaler)
+    return model, model_without_ddp, optimizer, scaler, state
 
 
 # --------------------------------------------------------------------------- precision

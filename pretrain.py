@@ -82,15 +82,7 @@ def main(args, config, device):
                           med_config=config['med_config'], embed_dim=config['embed_dim'],
                           momentum=config['momentum'], vit_checkpoint=config['vit_checkpoint'] or None,
                           bert_checkpoint=config['bert_checkpoint'] or None)
-    model = model.to(device)
-    if config['text_grad_ckpt']:
-        engine.set_text_grad_checkpointing(model)
-    model, model_without_ddp = engine.wrap_model(model, args)
-
-    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
-                                  weight_decay=config['weight_decay'])
-    scaler = engine.make_grad_scaler(config, device)
-    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
 
     print('Start training')
     start_time = time.time()

@@ -119,15 +119,7 @@ def main(args, config, device):
     model = blip_nlvr(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                       vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
                       med_config=config['med_config'])
-    model = model.to(device)
-    if config['text_grad_ckpt']:
-        engine.set_text_grad_checkpointing(model)
-    model, model_without_ddp = engine.wrap_model(model, args)
-
-    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
-                                  weight_decay=config['weight_decay'])
-    scaler = engine.make_grad_scaler(config, device)
-    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
 
     print('Start training')
     start_time = time.time()

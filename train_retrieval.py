@@ -230,15 +230,7 @@ def main(args, config, device):
                            queue_size=config['queue_size'], negative_all_rank=config['negative_all_rank'],
                            med_config=config['med_config'], embed_dim=config['embed_dim'],
                            momentum=config['momentum'])
-    model = model.to(device)
-    if config['text_grad_ckpt']:
-        engine.set_text_grad_checkpointing(model)
-    model, model_without_ddp = engine.wrap_model(model, args)
-
-    optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
-                                  weight_decay=config['weight_decay'])
-    scaler = engine.make_grad_scaler(config, device)
-    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
 
     print('Start training')
     start_time = time.time()

@@ -444,3 +444,12 @@ def test_prepare_synthetic_data_generates_once(tmp_path, monkeypatch):
     monkeypatch.setattr(data.synthetic, 'make_synthetic', fail)
     engine.prepare_synthetic_data(config)          # already there: no second generation
     engine.prepare_synthetic_data({'synthetic': None})  # real-data configs: nothing to do
+
+
+def test_ddp_starts_every_rank_with_rank_0s_parameters_and_buffers(tmp_path):
+    import json
+    from script_runner import run_script
+    result_file = tmp_path / 'result.json'
+    run_script('tests/dist_worker_engine.py', result_file, nproc=2, timeout=300)
+    result = json.loads(result_file.read_text())
+    assert result == {'queues_equal': True, 'weights_equal': True}
