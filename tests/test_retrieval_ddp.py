@@ -113,7 +113,6 @@ def test_training_epoch_under_ddp(toy_data, tmp_path, negative_all_rank, accum_s
     iters = num_train_pairs(toy_data) // world_size // BATCH
     (line,) = read_json_lines(out / 'log.txt')
     assert math.isfinite(float(line['train_loss_ita'])) and math.isfinite(float(line['train_loss_itm']))
-    assert line['train_loss_itm'] != line['train_loss_ita']
 
     last = torch.load(out / 'checkpoint_last.pth', weights_only=True)
     assert last['global_step'] == math.ceil(iters / accum_steps)
@@ -123,7 +122,8 @@ def test_training_epoch_under_ddp(toy_data, tmp_path, negative_all_rank, accum_s
     assert int(model['ptr_queue']) == filled
     idx_queue = model['idx_queue'][0]
     assert (idx_queue[:filled] >= 0).all() and (idx_queue[filled:] == -100).all()
-    # the queued ids are training images of both ranks' shards, each pair seen once
+    # the two ranks drew disjoint shards, so no image (5 captions) was queued more than 5 times
+    assert torch.bincount(idx_queue[:filled]).max() <= 5
     assert len(torch.unique(idx_queue[:filled])) > BATCH
     assert torch.isfinite(model['image_queue'][:, :filled]).all()
     assert torch.allclose(model['text_queue'][:, :filled].norm(dim=0), torch.ones(filled), atol=1e-4)
