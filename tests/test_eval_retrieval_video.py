@@ -152,10 +152,11 @@ def test_itm_eval_on_hand_made_scores():
 @pytest.fixture(scope='module')
 def toy_checkpoint(tmp_path_factory):
     """A model of the toy config's shape with fixed random weights (every rank loads the same)."""
+    import utils
+    config = utils.load_config(TOY_CONFIG)
     torch.manual_seed(0)
-    model = blip_retrieval(image_size=64, vit={'width': 64, 'depth': 2, 'heads': 4, 'patch_size': 16},
-                           med_config=str(REPO / 'configs' / 'shapes' / 'med_config.json'), embed_dim=64,
-                           queue_size=256)
+    model = blip_retrieval(image_size=config['image_size'], vit=config['vit'], med_config=config['med_config'],
+                           embed_dim=config['embed_dim'], queue_size=config['queue_size'])
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(('text_encoder.', 'itm_head', 'text_proj')) and param.dim() > 1:
