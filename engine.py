@@ -184,24 +184,37 @@ def prepare_synthetic_data(config):
     config['synthetic'] = {root, seed, num_images, ...} (keyword arguments of
     data.synthetic.make_synthetic). Runs before any process group exists, so concurrent
     torchrun processes serialise on a lock file; the finished marker (root/synthetic.json,
-    written last) tells the others it is done. A no-op for real-data configs.
+    written last) tells the others it is done. A dataset written by an older version of
+    data/synthetic.py is written again. A no-op for real-data configs.
     """
     spec = config.get('synthetic')
     if not spec:
         return
     spec = dict(spec)
     root = spec.pop('root')
-    if os.path.isfile(os.path.join(root, 'synthetic.json')):
+    from data import synthetic
+
+    def finished():
+        try:
+            with open(os.path.join(root, 'synthetic.json'), encoding='utf-8') as f:
+                return json.load(f).get('version') == synthetic.DATA_VERSION
+        except (OSError, ValueError):
+            return False
+
+    if finished():
         return
     import fcntl
-    from data.synthetic import make_synthetic
 
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     with open(os.path.abspath(root) + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(root, 'synthetic.json')):
-            print(f'generating the synthetic dataset in {root} (first use)', flush=True)
-            make_synthetic(root, **spec)
+        if not finished():
+            print(f'generating the synthetic dataset in {root} (version {synthetic.DATA_VERSION})',
+                  flush=True)
+            marker = os.path.join(root, 'synthetic.json')
+            if os.path.exists(marker):
+                os.remove(marker)  # an interrupted regeneration must not look finished
+            synthetic.make_synthetic(root, **spec)
 
 
 def check_paths(config, config_path, dirs=(), files=()):

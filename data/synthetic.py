@@ -42,7 +42,8 @@ Layout under ROOT and the config keys that point there:
     ROOT/annotation/coco_gt/coco_karpathy_{val,test}_gt.json    coco_gt_root
     ROOT/laion/laion_synth_000.json, laion_synth_001.json       laion_path (pretrain shards)
     ROOT/videos/video0.mp4 ...                                  video_root
-    ROOT/synthetic.json     this mapping of config keys (plus the class lists)
+    ROOT/synthetic.json     this mapping of config keys (plus the class lists and the data
+                            version), written last: it marks a finished dataset
 
 So a toy config sets: image_root, vqa_root, vg_root = ROOT/images; ann_root =
 ROOT/annotation; coco_gt_root = ROOT/annotation/coco_gt; train_files = ['vqa_train',
@@ -76,6 +77,9 @@ BACKGROUND = (232, 232, 232)
 ANSWER_LIST = (list(COLOURS) + list(SHAPES) + [str(c) for c in COUNTS] + list(POSITIONS)
                + ["yes", "no"])
 VQA_TRAIN_FILES = ["vqa_train", "vqa_val", "vg_qa"]
+# Bumped whenever the generated data changes: a dataset written by another version is
+# regenerated on its next use (engine.prepare_synthetic_data reads it from synthetic.json).
+DATA_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------
@@ -386,7 +390,8 @@ def make_synthetic(root, seed=0, num_images=200, image_size=64, num_videos=12,
              "ann_root": ann_root, "coco_gt_root": gt_root, "train_files": VQA_TRAIN_FILES,
              "train_file": [ann("pretrain_synth.json")], "laion_path": laion_dir,
              "video_root": video_dir}
-    info = {"config": paths, "seed": seed, "num_images": num_images, "image_size": image_size,
+    info = {"version": DATA_VERSION, "config": paths, "seed": seed, "num_images": num_images,
+            "image_size": image_size,
             "splits": {name: len(scenes) for name, scenes in split.items()},
             "num_videos": num_videos, "colours": list(COLOURS), "shapes": list(SHAPES),
             "positions": list(POSITIONS), "counts": list(COUNTS),

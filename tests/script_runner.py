@@ -3,6 +3,7 @@
 Shared by the script tests, so every task is exercised the same way (CPU, gloo, one
 thread per process, a free rendezvous port, a timeout that turns a hang into a failure).
 """
+import contextlib
 import json
 import os
 import socket
@@ -10,7 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run in-process script calls on one torch thread, as run_script does for subprocesses:
+    the tiny toy models gain little from a second thread, and two threads per process thrash
+    when several processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port():

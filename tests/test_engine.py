@@ -2,6 +2,7 @@
 NaN stop, checkpoints, resume, and a run killed with SIGKILL that continues where it stopped."""
 import copy
 import hashlib
+import json
 import http.server
 import os
 import random
@@ -444,6 +445,15 @@ def test_prepare_synthetic_data_generates_once(tmp_path, monkeypatch):
     monkeypatch.setattr(data.synthetic, 'make_synthetic', fail)
     engine.prepare_synthetic_data(config)          # already there: no second generation
     engine.prepare_synthetic_data({'synthetic': None})  # real-data configs: nothing to do
+
+    # a dataset from another version of data/synthetic.py is written again
+    marker = json.loads((root / 'synthetic.json').read_text())
+    (root / 'synthetic.json').write_text(json.dumps({**marker, 'version': marker['version'] - 1}))
+    written = []
+    monkeypatch.setattr(data.synthetic, 'make_synthetic', lambda root, **spec: written.append(spec))
+    engine.prepare_synthetic_data(config)
+    assert written == [{'seed': 0, 'num_images': 8, 'num_videos': 1}]
+    assert not (root / 'synthetic.json').exists()  # removed first: a crash cannot leave it "finished"
 
 
 def test_ddp_starts_every_rank_with_rank_0s_parameters_and_buffers(tmp_path):

@@ -1,6 +1,5 @@
 """eval_retrieval_video.py: video features, score matrices against the original's loop,
 metrics on hand-made scores, the script on the synthetic clips (one and two processes)."""
-import contextlib
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import PARITY, REPO
-from script_runner import read_json_lines, run_script
+from script_runner import one_thread, read_json_lines, run_script
 
 import eval_retrieval_video
 from models.blip_retrieval import blip_retrieval
@@ -19,17 +18,6 @@ TINY_VIT = {'width': 32, 'depth': 2, 'heads': 2, 'patch_size': 16}
 RESULT_KEYS = ['txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'vid_r1', 'vid_r5', 'vid_r10', 'vid_r_mean',
                'vid_mdR', 'r_mean']
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Run in-process script calls on one thread, as script_runner does for subprocesses
-    (two threads per process thrash when several processes share the two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class RandomVideos(Dataset):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from script_runner import one_thread
 
 import demo
 import train_retrieval
@@ -43,40 +44,31 @@ def test_chance_recall_on_hand_made_splits():
     assert many['img_r5'] == pytest.approx(100 * 5 / 30)
 
 
-@pytest.fixture
-def one_thread():
-    # as demo.py: the tiny model gains little from more threads, and two threads on a busy
-    # 2-core machine slow it down many times over
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_retrieval_learns_on_toy_data(tmp_path, monkeypatch, one_thread):
+def test_retrieval_learns_on_toy_data(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the toy config's data paths are relative to the repository
-    base = ['--device', 'cpu', f'max_epoch={EPOCHS}']
+    with one_thread():  # as demo.py: the tiny model gains little from a second thread
+        base = ['--device', 'cpu', f'max_epoch={EPOCHS}']
 
-    # the untrained model; the Flickr30k-format toy config reads the same split and agrees
-    untrained = {}
-    for name, config in (('coco', CONFIG), ('flickr', FLICKR_CONFIG)):
-        out = tmp_path / f'untrained_{name}'
-        train_retrieval.run(base + ['--config', config, '--output_dir', str(out), '--evaluate'])
-        (untrained[name],) = read_lines(out / 'evaluate.txt')
-    assert untrained['flickr'] == untrained['coco']
+        # the untrained model; the Flickr30k-format toy config reads the same split and agrees
+        untrained = {}
+        for name, config in (('coco', CONFIG), ('flickr', FLICKR_CONFIG)):
+            out = tmp_path / f'untrained_{name}'
+            train_retrieval.run(base + ['--config', config, '--output_dir', str(out), '--evaluate'])
+            (untrained[name],) = read_lines(out / 'evaluate.txt')
+        assert untrained['flickr'] == untrained['coco']
 
-    # training at a constant learning rate (min_lr = init_lr flattens the cosine schedule)
-    out = tmp_path / 'trained'
-    train_retrieval.run(base + ['--config', CONFIG, '--output_dir', str(out), 'min_lr=1e-4'])
-    epochs = read_lines(out / 'log.txt')
-    assert [line['epoch'] for line in epochs] == list(range(EPOCHS))
-    first, last = epochs[0], epochs[-1]
-    assert float(last['train_loss_ita']) < float(first['train_loss_ita']) - 0.2
-    # (ITM mostly learns the share of positives, 1 in 3, in this budget: it falls less)
-    assert float(last['train_loss_itm']) < float(first['train_loss_itm'])
+        # training at a constant learning rate (min_lr = init_lr flattens the cosine schedule)
+        out = tmp_path / 'trained'
+        train_retrieval.run(base + ['--config', CONFIG, '--output_dir', str(out), 'min_lr=1e-4'])
+        epochs = read_lines(out / 'log.txt')
+        assert [line['epoch'] for line in epochs] == list(range(EPOCHS))
+        first, last = epochs[0], epochs[-1]
+        assert float(last['train_loss_ita']) < float(first['train_loss_ita']) - 0.2
+        # (ITM mostly learns the share of positives, 1 in 3, in this budget: it falls less)
+        assert float(last['train_loss_itm']) < float(first['train_loss_itm'])
 
-    chance = demo.test_split_chance(CONFIG)
-    before, after = untrained['coco']['test_r_mean'], last['test_r_mean']
-    print(f'test r_mean: chance {chance["r_mean"]:.1f}, untrained {before:.1f}, trained {after:.1f}')
-    assert after > before + 10 and after > chance['r_mean'] + 10
-    assert last['test_img_r5'] > 2 * chance['img_r5']
+        chance = demo.test_split_chance(CONFIG)
+        before, after = untrained['coco']['test_r_mean'], last['test_r_mean']
+        print(f'test r_mean: chance {chance["r_mean"]:.1f}, untrained {before:.1f}, trained {after:.1f}')
+        assert after > before + 10 and after > chance['r_mean'] + 10
+        assert last['test_img_r5'] > 2 * chance['img_r5']

@@ -1,7 +1,8 @@
 """train_caption.py and eval_nocaps.py on the toy shapes data (configs/shapes/).
 
-One short DDP training run (two gloo processes) is shared by the tests: it shows the
-captioner learns (the loss falls, BLEU/CIDEr far above the untrained model), that training
+One DDP training run (two gloo processes) is shared by the tests: it shows the captioner
+learns (the loss falls, BLEU/CIDEr far above the untrained model) and reads the image (most
+test captions name the shapes' colour, which no caption prior can guess), that training
 runs under DDP, and its checkpoint is then evaluated by one process, which must reproduce the
 two-process metrics and captions exactly. The COCO metrics start a METEOR java process per
 call (the slow part), so the script runs are few; the untrained baseline is scored in-process
@@ -21,8 +22,9 @@ import train_caption
 CONFIG = 'configs/shapes/caption_coco.yaml'
 NOCAPS_CONFIG = 'configs/shapes/nocaps.yaml'
 METRICS = ['Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr']
-EPOCHS = 2
+EPOCHS = 6
 BATCH_PER_RANK = 8  # two ranks: the toy config's global batch of 16
+COLOURS = ('red', 'green', 'blue', 'yellow')
 SPLIT_IDS = {}
 
 
@@ -43,8 +45,14 @@ def trained(tmp_path_factory):
     """A short fine-tuning run under torchrun with two processes (the learning run)."""
     out = tmp_path_factory.mktemp('caption') / 'train'
     result = run_script('train_caption.py', '--config', CONFIG, '--output_dir', out, '--device', 'cpu',
-                        f'max_epoch={EPOCHS}', f'batch_size={BATCH_PER_RANK}', nproc=2)
+                        f'max_epoch={EPOCHS}', f'batch_size={BATCH_PER_RANK}',
+                        'min_lr=1e-3', nproc=2)  # a constant learning rate: colour is learnt sooner
     return out, result
+
+
+def colour_of(caption):
+    words = caption.lower().replace('.', ' ').split()
+    return [colour for colour in COLOURS if colour in words]
 
 
 def bleu_cider(results, gt_file):
@@ -124,6 +132,15 @@ def test_training_under_ddp_learns_to_caption(trained, untrained):
             assert [r['image_id'] for r in results] == split_image_ids(split)
             assert all(isinstance(r['caption'], str) and not r['caption'].startswith('a picture of')
                        for r in results)
+
+    # the captions read the image: most name the shapes' colour (4 colours, every caption of
+    # the training data names one, so guessing gets about a quarter right)
+    gt = json.loads((REPO / 'datasets/shapes/annotation/coco_gt/coco_karpathy_test_gt.json').read_text())
+    true_colour = {ann['image_id']: colour_of(ann['caption']) for ann in gt['annotations']}
+    results = read_results(out / 'result' / f'test_epoch{EPOCHS - 1}.json')
+    right = sum(colour_of(r['caption']) == true_colour[r['image_id']] for r in results)
+    print(f'test captions naming the right colour after {EPOCHS} epochs: {right} of {len(results)}')
+    assert right > len(results) / 2
 
 
 def test_one_process_evaluation_matches_the_two_process_run(trained, tmp_path):

@@ -1,6 +1,5 @@
 """train_nlvr.py: exact accuracy under any split of the work, the toy run (loss falls,
 accuracy above the majority rule), one vs two processes, bad input."""
-import contextlib
 import random
 
 import pytest
@@ -8,24 +7,13 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import REPO
-from script_runner import read_json_lines, run_script
+from script_runner import one_thread, read_json_lines, run_script
 
 import train_nlvr
 import utils
 
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'nlvr.yaml'
 
-
-@contextlib.contextmanager
-def one_thread():
-    """Run in-process script calls on one thread, as script_runner does for subprocesses
-    (two threads per process thrash when several processes share the two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class SwappingPairs(Dataset):
