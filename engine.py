@@ -22,11 +22,13 @@ state saved at the end of the previous one (model, optimizer, scaler, counters, 
 RNG states), so it continues as the uninterrupted run would have.
 """
 import contextlib
+import datetime
 import inspect
 import json
 import math
 import os
 import random
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -540,6 +542,30 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
 
 
 # --------------------------------------------------------------------------- logging
+
+def split_stats(**splits):
+    """Every split's stats in one flat dict, each key prefixed by its split's name, in the
+    order given: split_stats(train={'loss': ...}, val={'acc': ...}) ->
+    {'train_loss': ..., 'val_acc': ...} (the original's log.txt keys)."""
+    return {f'{split}_{key}': value for split, stats in splits.items() for key, value in stats.items()}
+
+
+def update_best(state, score, epoch, output_dir, model_without_ddp, optimizer, config, save=True):
+    """The original's checkpoint_best.pth rule: when `score` beats every earlier epoch's
+    (strictly, so the first of equal epochs stays), record it in `state` and, with `save`,
+    write the checkpoint. Returns whether it improved."""
+    if not score > state.best:
+        return False
+    state.best, state.best_epoch = score, epoch
+    if save:
+        save_model(os.path.join(output_dir, BEST_CHECKPOINT), model_without_ddp, optimizer, config, epoch)
+    return True
+
+
+def print_elapsed(start_time, what='Training time'):
+    """The original's closing line: `what` and the time since start_time as H:MM:SS."""
+    print(f'{what} {datetime.timedelta(seconds=int(time.time() - start_time))}')
+
 
 def log_json(output_dir, stats, filename='log.txt'):
     """Append one JSON line to output_dir/filename (main process only), as the original."""

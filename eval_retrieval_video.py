@@ -11,7 +11,6 @@ raw ITM logit (class 1) plus its similarity, -100 elsewhere; under N processes e
 re-ranks a block of rows and the matrices are summed. Reported: recall@1/5/10 both ways,
 their means, and the median rank of text-to-video retrieval (vid_mdR), in test_result.txt.
 """
-import datetime
 import time
 
 import numpy as np
@@ -71,8 +70,7 @@ def evaluation(model, data_loader, device, config):
     score_v2t, score_t2v = train_retrieval.rerank(model, sims_matrix, video_feats, text_ids, text_atts,
                                                   device, config)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Evaluation time {total_time_str}')
+    engine.print_elapsed(start_time, 'Evaluation time')
     return score_v2t.cpu().numpy(), score_t2v.cpu().numpy()
 
 

@@ -16,12 +16,10 @@ New config keys (defaults reproduce the original): `vit_checkpoint` ('default': 
 original's ImageNet ViT weights; '' or null: random; or a file / URL) and `bert_checkpoint`
 (the BERT weights the text encoder and decoder start from; '' or null: random).
 """
-import datetime
 import os
 import time
 from functools import partial
 
-import torch
 
 import engine
 import utils
@@ -105,12 +103,11 @@ def main(args, config, device):
 
         engine.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
                           model_without_ddp, optimizer, config, epoch)
-        engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+        engine.log_json(args.output_dir, {**engine.split_stats(train=train_stats), 'epoch': epoch})
         engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
         engine.end_epoch(device)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
+    engine.print_elapsed(start_time)
 
 
 def run(argv=None):

@@ -11,7 +11,6 @@ against the COCO ground truth in `coco_gt_root`: BLEU-1..4, METEOR, ROUGE-L, CID
 only when its Stanford CoreNLP jars are installed; skipped offline with a warning). The best
 epoch has the highest val CIDEr + BLEU-4 and is kept in checkpoint_best.pth.
 """
-import datetime
 import os
 import time
 from functools import partial
@@ -98,28 +97,22 @@ def main(args, config, device):
             coco_test = coco_caption_eval(config['coco_gt_root'], test_result_file, 'test')
 
             if args.evaluate:
-                engine.log_json(args.output_dir, {**{f'val_{k}': v for k, v in coco_val.eval.items()},
-                                                  **{f'test_{k}': v for k, v in coco_test.eval.items()}},
+                engine.log_json(args.output_dir, engine.split_stats(val=coco_val.eval, test=coco_test.eval),
                                 filename='evaluate.txt')
             else:
                 # as the original: the best epoch by val CIDEr + BLEU-4
                 score = float(coco_val.eval['CIDEr'] + coco_val.eval['Bleu_4'])  # (a plain float for the checkpoint)
-                if score > state.best:
-                    state.best, state.best_epoch = score, epoch
-                    engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
-                                      model_without_ddp, optimizer, config, epoch)
-                engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                                  **{f'val_{k}': v for k, v in coco_val.eval.items()},
-                                                  **{f'test_{k}': v for k, v in coco_test.eval.items()},
-                                                  'epoch': epoch, 'best_epoch': state.best_epoch})
+                engine.update_best(state, score, epoch, args.output_dir, model_without_ddp, optimizer, config)
+                engine.log_json(args.output_dir, {
+                    **engine.split_stats(train=train_stats, val=coco_val.eval, test=coco_test.eval),
+                    'epoch': epoch, 'best_epoch': state.best_epoch})
         if args.evaluate:
             break
 
         engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
         engine.end_epoch(device)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
+    engine.print_elapsed(start_time)
 
 
 def run(argv=None):

@@ -14,8 +14,6 @@ images (and 'left'/'right') at random in every split, as the original; here each
 draws its swap from a seed of its own during evaluation, so the accuracy does not depend
 on the number of processes, the loader workers or what ran before.
 """
-import datetime
-import os
 import random
 import time
 from functools import partial
@@ -136,18 +134,14 @@ def main(args, config, device):
 
         if utils.is_main_process():
             if args.evaluate:
-                engine.log_json(args.output_dir, {**{f'val_{k}': v for k, v in val_stats.items()},
-                                                  **{f'test_{k}': v for k, v in test_stats.items()}})
+                engine.log_json(args.output_dir, engine.split_stats(val=val_stats, test=test_stats))
             else:
                 # as the original: compared at the logged precision; best dev accuracy wins
-                if float(val_stats['acc']) > state.best:
-                    state.best, state.best_epoch = float(val_stats['acc']), epoch
-                    engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
-                                      model_without_ddp, optimizer, config, epoch)
-                engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                                  **{f'val_{k}': v for k, v in val_stats.items()},
-                                                  **{f'test_{k}': v for k, v in test_stats.items()},
-                                                  'epoch': epoch, 'best_epoch': state.best_epoch})
+                engine.update_best(state, float(val_stats['acc']), epoch, args.output_dir, model_without_ddp,
+                                   optimizer, config)
+                engine.log_json(args.output_dir, {
+                    **engine.split_stats(train=train_stats, val=val_stats, test=test_stats),
+                    'epoch': epoch, 'best_epoch': state.best_epoch})
         if args.evaluate:
             break
 
@@ -156,8 +150,7 @@ def main(args, config, device):
 
     if not args.evaluate:
         print(f'best epoch: {state.best_epoch}')
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
+    engine.print_elapsed(start_time)
 
 
 def run(argv=None):

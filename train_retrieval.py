@@ -8,8 +8,6 @@ Evaluation ranks every text for every image (and back) as the original: ITC simi
 the top `k_test` candidates, each is re-scored by its raw ITM logit (class 1) plus its ITC
 similarity, everything else gets -100.
 """
-import datetime
-import os
 import time
 from functools import partial
 
@@ -97,8 +95,7 @@ def evaluation(model, data_loader, device, config):
     score_matrix_i2t, score_matrix_t2i = rerank(model, sims_matrix, image_feats, text_ids, text_atts,
                                                 device, config)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Evaluation time {total_time_str}')
+    engine.print_elapsed(start_time, 'Evaluation time')
     return score_matrix_i2t.cpu().numpy(), score_matrix_t2i.cpu().numpy()
 
 
@@ -251,12 +248,9 @@ def main(args, config, device):
             print(val_result)
             # as the original: the best epoch by val r_mean is kept, and the test result
             # reported is the one at the best epoch
-            improved = val_result['r_mean'] > state.best
-            if improved:
-                state.best, state.best_epoch = val_result['r_mean'], epoch
-                if not args.evaluate:  # (the original also copied the weights when only evaluating)
-                    engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
-                                      model_without_ddp, optimizer, config, epoch)
+            # (the original also copied the weights when only evaluating)
+            improved = engine.update_best(state, val_result['r_mean'], epoch, args.output_dir, model_without_ddp,
+                                          optimizer, config, save=not args.evaluate)
             if improved or 'test_result' not in state.extra:
                 state.extra['test_result'] = itm_eval(score_test_i2t, score_test_t2i,
                                                       test_loader.dataset.txt2img, test_loader.dataset.img2txt)
@@ -264,22 +258,19 @@ def main(args, config, device):
             test_result = state.extra['test_result']
 
             if args.evaluate:
-                engine.log_json(args.output_dir, {**{f'val_{k}': v for k, v in val_result.items()},
-                                                  **{f'test_{k}': v for k, v in test_result.items()}},
+                engine.log_json(args.output_dir, engine.split_stats(val=val_result, test=test_result),
                                 filename='evaluate.txt')
             else:
-                engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
-                                                  **{f'val_{k}': v for k, v in val_result.items()},
-                                                  **{f'test_{k}': v for k, v in test_result.items()},
-                                                  'epoch': epoch, 'best_epoch': state.best_epoch})
+                engine.log_json(args.output_dir, {
+                    **engine.split_stats(train=train_stats, val=val_result, test=test_result),
+                    'epoch': epoch, 'best_epoch': state.best_epoch})
         if args.evaluate:
             break
 
         engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
         engine.end_epoch(device)
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
+    engine.print_elapsed(start_time)
 
 
 def run(argv=None):

@@ -14,7 +14,6 @@ When the test split carries the human answers (an `answer` list per question, as
 synthetic data and a re-split of VQA v2 val do), the VQA accuracy is also computed here and
 written to evaluate.txt: the standard metric, see `vqa_accuracy`.
 """
-import datetime
 import json
 import os
 import re
@@ -214,7 +213,7 @@ def main(args, config, device):
         utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
         train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
                                              partial(train_step, device=device), scaler=scaler, state=state)
-        engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+        engine.log_json(args.output_dir, {**engine.split_stats(train=train_stats), 'epoch': epoch})
         # the original's per-epoch checkpoint, and the full state to resume from
         engine.save_model(os.path.join(args.output_dir, 'checkpoint_%02d.pth' % epoch),
                           model_without_ddp, optimizer, config, epoch)
@@ -232,8 +231,7 @@ def main(args, config, device):
         engine.log_json(args.output_dir, {'test_vqa_acc': accuracy, 'num_questions': len(annotation),
                                           'inference': config['inference']}, filename='evaluate.txt')
 
-    total_time_str = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total_time_str}')
+    engine.print_elapsed(start_time)
 
 
 def run(argv=None):

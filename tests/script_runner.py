@@ -29,6 +29,32 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def script_config(script, config_path):
+    """(args, config) as task `script`'s run() reads `config_path` (relative to the repository):
+    the script's defaults and required keys, no command-line arguments."""
+    import engine
+    return engine.parse_args_and_config('t', str(REPO / config_path), 'out', defaults=script.TASK_DEFAULTS,
+                                        required=script.REQUIRED_KEYS, known=(), argv=[])
+
+
+@contextlib.contextmanager
+def toy_setup(script, config_path):
+    """script_config() of a toy config, as run() prepares it before building the model: from
+    the repository folder (the toy configs' data paths are relative to it), with the synthetic
+    data written and the seed set."""
+    import engine
+    import utils
+    args, config = script_config(script, config_path)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        engine.check_paths(config, str(config_path))
+        utils.set_seed(args.seed)
+        yield args, config
+    finally:
+        os.chdir(cwd)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -1,6 +1,5 @@
 """Bad input: each error names the file (and the entry index); nothing is skipped."""
 import json
-import os
 import shutil
 
 import pytest

@@ -4,7 +4,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler

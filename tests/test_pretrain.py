@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from script_runner import one_thread, read_json_lines, run_script
+from script_runner import one_thread, read_json_lines, run_script, script_config
 
 import pretrain
 import utils
@@ -154,9 +154,6 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
 
 
 def test_official_config_passes_the_key_checks():
-    import engine
-    args, config = engine.parse_args_and_config('t', str(REPO / 'configs' / 'pretrain.yaml'), 'out',
-                                                defaults=pretrain.TASK_DEFAULTS, required=pretrain.REQUIRED_KEYS,
-                                                known=(), argv=[])
+    _, config = script_config(pretrain, 'configs/pretrain.yaml')
     assert config['vit_checkpoint'] == 'default' and config['bert_checkpoint'] == 'bert-base-uncased'
     assert config['laion_path'] == '' and config['med_config'] == 'configs/bert_config.json'

@@ -10,7 +10,6 @@ steps, so this is the slowest test of the retrieval set (~2-3 min on one CPU).
 import json
 
 import pytest
-import torch
 
 from conftest import REPO
 from script_runner import one_thread

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from script_runner import read_json_lines, run_script
+from script_runner import read_json_lines, run_script, script_config, toy_setup
 
 import eval_nocaps
 import train_caption
@@ -77,17 +77,10 @@ def bleu_cider(results, gt_file):
 @pytest.fixture(scope='module')
 def untrained():
     """Metrics of the toy captioner before training (same config, seed and generation)."""
-    import engine
-    import utils
     from data import create_dataset, create_loader
     from models.blip import blip_decoder
 
-    args, config = engine.parse_args_and_config('t', str(REPO / CONFIG), 'out', defaults=train_caption.TASK_DEFAULTS,
-                                                required=train_caption.REQUIRED_KEYS, known=(), argv=[])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)  # the toy config's paths are relative to the repository
-        engine.check_paths(config, CONFIG)
-        utils.set_seed(args.seed)
+    with toy_setup(train_caption, CONFIG) as (_, config):
         model = blip_decoder(image_size=config['image_size'], vit=config['vit'], prompt=config['prompt'],
                              med_config=config['med_config'])
         _, val_set, test_set = create_dataset('caption_coco', config)
@@ -207,10 +200,7 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize('script, name', [(train_caption, 'caption_coco'), (eval_nocaps, 'nocaps')])
 def test_official_configs_pass_the_key_checks(script, name):
-    import engine
-    args, config = engine.parse_args_and_config('t', str(REPO / 'configs' / f'{name}.yaml'), 'out',
-                                                defaults=script.TASK_DEFAULTS, required=script.REQUIRED_KEYS,
-                                                known=(), argv=[])
+    _, config = script_config(script, f'configs/{name}.yaml')
     assert config['med_config'] == 'configs/med_config.json' and config['num_beams'] == 3
     if name == 'nocaps':
         assert config['val_gt_file'] is None and config['test_gt_file'] is None

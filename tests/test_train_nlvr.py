@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import REPO
-from script_runner import one_thread, read_json_lines, run_script
+from script_runner import one_thread, read_json_lines, run_script, script_config
 
 import train_nlvr
 import utils
@@ -168,8 +168,5 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
 
 
 def test_official_config_passes_the_key_checks():
-    import engine
-    args, config = engine.parse_args_and_config('t', str(REPO / 'configs' / 'nlvr.yaml'), 'out',
-                                                defaults=train_nlvr.TASK_DEFAULTS,
-                                                required=train_nlvr.REQUIRED_KEYS, known=(), argv=[])
+    _, config = script_config(train_nlvr, 'configs/nlvr.yaml')
     assert config['med_config'] == 'configs/med_config.json' and config['image_size'] == 384

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import PARITY, REPO
+from script_runner import script_config
 
 import train_retrieval
 import utils
@@ -220,9 +221,6 @@ def test_text_grad_checkpointing_keeps_the_gradients(fixture_model, monkeypatch)
 
 @pytest.mark.parametrize('name', ['retrieval_coco', 'retrieval_flickr'])
 def test_official_configs_pass_the_key_checks(name):
-    import engine
-    path = str(REPO / 'configs' / f'{name}.yaml')
-    args, config = engine.parse_args_and_config('t', path, 'out', defaults=train_retrieval.TASK_DEFAULTS,
-                                                required=train_retrieval.REQUIRED_KEYS, known=(), argv=[])
+    _, config = script_config(train_retrieval, f'configs/{name}.yaml')
     assert config['amp'] == 'none' and config['accum_steps'] == 1 and config['embed_dim'] == 256
     assert config['k_test'] == (256 if name == 'retrieval_coco' else 128)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from script_runner import read_json_lines, run_script
+from script_runner import read_json_lines, run_script, script_config, toy_setup
 
 import train_vqa
 from train_vqa import answer_accuracy, normalize_answer, vqa_accuracy
@@ -67,17 +67,10 @@ def image_blind_accuracy(annotation):
 @pytest.fixture(scope='module')
 def untrained_accuracy():
     """VQA accuracy of the toy model before training (same config, rank inference)."""
-    import engine
-    import utils
     from data import create_dataset, create_loader
     from models.blip_vqa import blip_vqa
 
-    args, config = engine.parse_args_and_config('t', str(REPO / CONFIG), 'out', defaults=train_vqa.TASK_DEFAULTS,
-                                                required=train_vqa.REQUIRED_KEYS, known=(), argv=[])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)  # the toy config's paths are relative to the repository
-        engine.check_paths(config, CONFIG)
-        utils.set_seed(args.seed)
+    with toy_setup(train_vqa, CONFIG) as (_, config):
         model = blip_vqa(image_size=config['image_size'], vit=config['vit'], med_config=config['med_config'])
         _, test_set = create_dataset('vqa', config)
         (loader,) = create_loader([test_set], [None], [config['batch_size_test']], [0], [False], [None])
@@ -168,10 +161,7 @@ def test_bad_input_fails_before_any_work(tmp_path, capsys, monkeypatch):
 
 
 def test_official_config_passes_the_key_checks():
-    import engine
-    args, config = engine.parse_args_and_config('t', str(REPO / 'configs' / 'vqa.yaml'), 'out',
-                                                defaults=train_vqa.TASK_DEFAULTS, required=train_vqa.REQUIRED_KEYS,
-                                                known=(), argv=[])
+    _, config = script_config(train_vqa, 'configs/vqa.yaml')
     assert config['inference'] == 'rank' and config['k_test'] == 128 and config['amp'] == 'none'
 
 
