@@ -79,7 +79,7 @@ ANSWER_LIST = (list(COLOURS) + list(SHAPES) + [str(c) for c in COUNTS] + list(PO
 VQA_TRAIN_FILES = ["vqa_train", "vqa_val", "vg_qa"]
 # Bumped whenever the generated data changes: a dataset written by another version is
 # regenerated on its next use (engine.prepare_synthetic_data reads it from synthetic.json).
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------
@@ -240,37 +240,51 @@ def _vg_entries(scenes, rng, next_id):
     return entries
 
 
-def _nlvr_statement(a, b, rng):
-    """A statement about the pair (a = left image, b = right image) and its truth.
+# NLVR2 statement kinds, drawn uniformly; half are about colour, the attribute a tiny model
+# learns to see first. Each maps (left scene, right scene, word) to the statement and its truth,
+# and lists the words it can take. Statements naming 'left'/'right' stay true when both the
+# images and those words are swapped (what nlvr_dataset does at random); the others are
+# symmetric.
+NLVR_KINDS = {
+    "left_colour": (lambda a, b, c: (f"The left image contains {c} shapes.", a["colour"] == c), COLOURS),
+    "right_colour": (lambda a, b, c: (f"The right image contains {c} shapes.", b["colour"] == c), COLOURS),
+    "any_colour": (lambda a, b, c: (f"One of the images shows {c} shapes.", c in (a["colour"], b["colour"])),
+                   COLOURS),
+    "both_colour": (lambda a, b, c: (f"Both images show {c} shapes.", a["colour"] == b["colour"] == c), COLOURS),
+    "right_shape": (lambda a, b, s: (f"The right image shows {s}s.", b["shape"] == s), SHAPES),
+    "total": (lambda a, b, k: (f"There are {NUMBER_WORDS[k]} shapes in total.", a["count"] + b["count"] == k),
+              range(2, 7)),
+    "more": (lambda a, b, _: ("The left image has more shapes than the right image.", a["count"] > b["count"]),
+             (None,)),
+    "same_colour": (lambda a, b, _: ("Both images show shapes of the same color.", a["colour"] == b["colour"]),
+                    (None,)),
+}
+# Statements per image of each split: enough for the toy model to learn them, and for dev/test
+# accuracy to be measured to a few points.
+NLVR_STATEMENTS_PER_IMAGE = {"train": 8, "val": 4, "test": 4}
 
-    Statements mentioning 'left'/'right' stay true when both the images and those words
-    are swapped (what nlvr_dataset does at random); the others are symmetric.
-    """
-    kind = rng.randrange(5)
-    want = rng.random() < 0.5
-    if kind == 0:
-        colour = a["colour"] if want else rng.choice([c for c in COLOURS if c != a["colour"]])
-        return f"The left image contains {colour} shapes.", colour == a["colour"]
-    if kind == 1:
-        shape = b["shape"] if want else rng.choice([s for s in SHAPES if s != b["shape"]])
-        return f"The right image shows {shape}s.", shape == b["shape"]
-    if kind == 2:
-        total = a["count"] + b["count"]
-        k = total if want else rng.choice([n for n in range(2, 7) if n != total])
-        return f"There are {NUMBER_WORDS[k]} shapes in total.", k == total
-    if kind == 3:
-        return ("The left image has more shapes than the right image.",
-                a["count"] > b["count"])
-    return "Both images show shapes of the same color.", a["colour"] == b["colour"]
 
-
-def _nlvr_entries(scenes, rng):
+def _nlvr_entries(scenes, rng, per_image):
+    """per_image statements about each scene and another one of the split, true for exactly
+    half of them: each draws a truth and a kind, then a pair (either order) and a word that
+    give it (the next kind if none does, which happens only in tiny splits). Pairs come from
+    one split only, so no dev/test image is seen in training."""
     entries = []
-    for i, a in enumerate(scenes):
-        b = scenes[(i + 1 + rng.randrange(len(scenes) - 1)) % len(scenes)]
-        sentence, truth = _nlvr_statement(a, b, rng)
-        entries.append({"images": [a["image"], b["image"]], "sentence": sentence,
-                        "label": "True" if truth else "False"})
+    for _ in range(per_image):
+        for i, scene in enumerate(scenes):
+            want = len(entries) % 2 == 0
+            others = scenes[:i] + scenes[i + 1:]
+            for kind in rng.sample(sorted(NLVR_KINDS), len(NLVR_KINDS)):
+                statement, words = NLVR_KINDS[kind]
+                candidates = [(left, right, word) for other in others
+                              for left, right in ((scene, other), (other, scene)) for word in words
+                              if statement(left, right, word)[1] == want]
+                if candidates:
+                    break
+            left, right, word = rng.choice(candidates)
+            entries.append({"images": [left["image"], right["image"]],
+                            "sentence": statement(left, right, word)[0],
+                            "label": "True" if want else "False"})
     return entries
 
 
@@ -359,11 +373,6 @@ def make_synthetic(root, seed=0, num_images=200, image_size=64, num_videos=12,
     _write_json(_vqa_entries(split["test"], rng, question_ids), ann("vqa_test.json"))
     _write_json(ANSWER_LIST, ann("answer_list.json"))
 
-    # NLVR2
-    for name, filename in (("train", "nlvr_train.json"), ("val", "nlvr_dev.json"),
-                           ("test", "nlvr_test.json")):
-        _write_json(_nlvr_entries(split[name], rng), ann(filename))
-
     # Pre-training lists: absolute image paths (the original opens them as written)
     def pretrain_pairs(scenes, pick):
         return [{"image": os.path.join(image_dir, s["image"]), "caption": captions_for(s)[k]}
@@ -385,6 +394,11 @@ def make_synthetic(root, seed=0, num_images=200, image_size=64, num_videos=12,
                        image_size, video_frames)
             caption = f"a {colour} {shape} moves from the {direction[0]} to the {direction[1]}"
             f.write(json.dumps({"clip_name": f"video{k}", "caption": caption}) + "\n")
+
+    # NLVR2, drawn last so that changing the statements changes no other file
+    for name, filename in (("train", "nlvr_train.json"), ("val", "nlvr_dev.json"),
+                           ("test", "nlvr_test.json")):
+        _write_json(_nlvr_entries(split[name], rng, NLVR_STATEMENTS_PER_IMAGE[name]), ann(filename))
 
     paths = {"image_root": image_dir, "vqa_root": image_dir, "vg_root": image_dir,
              "ann_root": ann_root, "coco_gt_root": gt_root, "train_files": VQA_TRAIN_FILES,

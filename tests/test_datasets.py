@@ -11,7 +11,8 @@ from torch.utils.data import DistributedSampler, RandomSampler, SequentialSample
 import data
 from data import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from data.coco_karpathy_dataset import coco_image_id
-from data.synthetic import ANSWER_LIST, COLOURS, POSITIONS, SHAPES, make_synthetic
+from data.synthetic import (ANSWER_LIST, COLOURS, NLVR_KINDS, POSITIONS, SHAPES, _nlvr_entries,
+                            make_scenes, make_synthetic)
 from data.video_dataset import sample_frame_indices
 from data_fixtures import IMAGE_SIZE, SYNTHETIC_KW, data_config, synthetic  # noqa: F401
 
@@ -144,6 +145,25 @@ def test_nlvr(synthetic):
     assert labels == {0, 1}
     image0, image1, sentence, label = test[0]
     assert _is_image(image0) and _is_image(image1) and isinstance(sentence, str)
+
+
+def test_synthetic_nlvr_statements_hold_as_labelled_half_of_the_time():
+    scenes, split = make_scenes(60, random.Random(0))
+    by_image = {scene["image"]: scene for scene in scenes}
+    entries = _nlvr_entries(split["train"], random.Random(1), 4)
+    assert len(entries) == 4 * len(split["train"])
+    assert sum(entry["label"] == "True" for entry in entries) == len(entries) // 2
+    train_images = {scene["image"] for scene in split["train"]}
+    kinds_seen = set()
+    for entry in entries:
+        assert set(entry["images"]) <= train_images and entry["images"][0] != entry["images"][1]
+        left, right = (by_image[image] for image in entry["images"])
+        # the label is what the scenes say of the sentence
+        truths = {kind: statement(left, right, word) for kind, (statement, words) in NLVR_KINDS.items()
+                  for word in words if statement(left, right, word)[0] == entry["sentence"]}
+        assert [truth for _, truth in truths.values()] == [entry["label"] == "True"], entry
+        kinds_seen |= set(truths)
+    assert kinds_seen == set(NLVR_KINDS)
 
 
 def test_nlvr_random_swap_keeps_statement_true(synthetic):

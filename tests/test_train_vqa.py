@@ -1,10 +1,10 @@
 """train_vqa.py on the toy shapes data (configs/shapes/vqa.yaml) and the VQA accuracy metric.
 
-One DDP training run (two gloo processes, the toy config's epochs) is shared: it shows the
-model learns from the images (the loss falls; accuracy beats the best any image-blind model
-could do on the test questions, and colour questions are answered far above chance), that
-training runs under DDP, and its checkpoint is then evaluated by one process, which must give
-the same answers and accuracy.
+One DDP training run (two gloo processes, the toy config's epochs: conftest.vqa_toy_run, which
+the NLVR2 toy also fine-tunes from) is shared: it shows the model learns from the images (the
+loss falls; accuracy beats the best any image-blind model could do on the test questions, and
+colour questions are answered far above chance), that training runs under DDP, and its
+checkpoint is then evaluated by one process, which must give the same answers and accuracy.
 """
 import collections
 import json
@@ -12,15 +12,14 @@ import json
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, VQA_TOY_CONFIG, VQA_TOY_EPOCHS
 from script_runner import read_json_lines, run_script, script_config, toy_setup
 
 import train_vqa
 from train_vqa import answer_accuracy, normalize_answer, vqa_accuracy
 
-CONFIG = 'configs/shapes/vqa.yaml'
-EPOCHS = 10  # the toy config's: colour is read off the image from about epoch 6
-BATCH_PER_RANK = 16  # two ranks: the toy config's global batch of 32
+CONFIG = VQA_TOY_CONFIG
+EPOCHS = VQA_TOY_EPOCHS
 
 
 def load_test_annotation():
@@ -29,15 +28,6 @@ def load_test_annotation():
 
 def read_results(path):
     return sorted(json.loads(path.read_text()), key=lambda r: r['question_id'])
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A short fine-tuning run under torchrun with two processes (the learning run)."""
-    out = tmp_path_factory.mktemp('vqa') / 'train'
-    result = run_script('train_vqa.py', '--config', CONFIG, '--output_dir', out, '--device', 'cpu',
-                        f'max_epoch={EPOCHS}', f'batch_size_train={BATCH_PER_RANK}', nproc=2)
-    return out, result
 
 
 def majority_answer_accuracy(annotation):
@@ -78,8 +68,8 @@ def untrained_accuracy():
     return vqa_accuracy(results, test_set.annotation)
 
 
-def test_training_under_ddp_learns_to_answer(trained, untrained_accuracy):
-    out, result = trained
+def test_training_under_ddp_learns_to_answer(vqa_toy_run, untrained_accuracy):
+    out, result = vqa_toy_run
     assert 'distributed init (rank 0, world 2' in result.stdout
     assert 'Generate VQA test result' in result.stdout and 'eta' in result.stdout
     lines = read_json_lines(out / 'log.txt')
@@ -120,8 +110,8 @@ def test_training_under_ddp_learns_to_answer(trained, untrained_accuracy):
     assert sum(colour) / len(colour) > 0.6  # 4 colours: chance 0.25
 
 
-def test_one_process_evaluation_matches_the_two_process_run(trained, tmp_path):
-    out, _ = trained
+def test_one_process_evaluation_matches_the_two_process_run(vqa_toy_run, tmp_path):
+    out, _ = vqa_toy_run
     evaluated = tmp_path / 'eval'
     run_script('train_vqa.py', '--config', CONFIG, '--output_dir', evaluated, '--device', 'cpu', '--evaluate',
                f'pretrained={out / f"checkpoint_{EPOCHS - 1:02d}.pth"}')
@@ -130,8 +120,8 @@ def test_one_process_evaluation_matches_the_two_process_run(trained, tmp_path):
     assert read_json_lines(evaluated / 'evaluate.txt') == read_json_lines(out / 'evaluate.txt')
 
 
-def test_generate_inference(trained, tmp_path, monkeypatch):
-    out, _ = trained
+def test_generate_inference(vqa_toy_run, tmp_path, monkeypatch):
+    out, _ = vqa_toy_run
     monkeypatch.chdir(REPO)
     train_vqa.run(['--config', CONFIG, '--output_dir', str(tmp_path / 'gen'), '--device', 'cpu', '--evaluate',
                    'inference=generate', f'pretrained={out / f"checkpoint_{EPOCHS - 1:02d}.pth"}'])
