@@ -351,11 +351,12 @@ def _check_finite(loss_values, epoch, i, global_step):
 
 def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_fn, *,
                     scaler=None, state=None, lr_fn=None, header=None, print_freq=50,
-                    window_size=1, stats_fmt='{:.3f}'):
+                    window_size=1, stats_fmt='{:.3f}', loss_weights=None):
     """Train one epoch; return the averaged meters as the original's strings.
 
     loss_fn(model, batch, epoch, i, num_iters) -> dict of named scalar losses; the engine
-        sums them, scales for accumulation and backpropagates (i: micro-batch index).
+        sums them (each times loss_weights[name], default 1; the logs show them unweighted),
+        scales for accumulation and backpropagates (i: micro-batch index).
     lr_fn(step): called before each optimizer step with the step index within the epoch
         (the original's per-iteration warm-up); per-epoch schedules stay in the script.
     state: TrainState whose global_step is advanced.
@@ -387,7 +388,8 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
         with sync:
             with autocast(config, device):
                 losses = loss_fn(model, batch, epoch, i, num_iters)
-            loss = sum(losses.values())
+            loss = sum(value if loss_weights is None else loss_weights.get(name, 1.0) * value
+                       for name, value in losses.items())
             scaler.scale(loss / group_size).backward()
 
         loss_values = {name: value.item() for name, value in losses.items()}

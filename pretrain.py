@@ -37,7 +37,11 @@ TASK_DEFAULTS = {
     'momentum': 0.995,
     'vit_checkpoint': 'default',            # the original: DeiT-B (base) / in21k ViT-L (large)
     'bert_checkpoint': 'bert-base-uncased',  # the original: BertModel.from_pretrained('bert-base-uncased')
+    # fork key: the training loss is ita * loss_ita + itm * loss_itm + lm * loss_lm (the
+    # original's plain sum); weights left out are 1
+    'loss_weights': {'ita': 1.0, 'itm': 1.0, 'lm': 1.0},
 }
+LOSSES = ('ita', 'itm', 'lm')
 MIN_SCALE = 0.2  # random-resized-crop scale of pre-training (fine-tuning uses 0.5)
 
 
@@ -64,6 +68,20 @@ def check_train_files(config, config_path):
     for path in files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{config_path}: train_file: annotation file {path!r} does not exist')
+
+
+def loss_weights(config, config_path):
+    """config['loss_weights'] checked and completed: {'loss_ita': w, 'loss_itm': w, 'loss_lm': w}."""
+    weights = config['loss_weights']
+    if not isinstance(weights, dict):
+        raise ValueError(f'{config_path}: loss_weights must map {", ".join(LOSSES)} to numbers, '
+                         f'got {weights!r}')
+    for name, weight in weights.items():
+        if name not in LOSSES:
+            raise ValueError(f'{config_path}: loss_weights: unknown loss {name!r} (known: {", ".join(LOSSES)})')
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float('inf'):
+            raise ValueError(f'{config_path}: loss_weights.{name} must be a number >= 0, got {weight!r}')
+    return {f'loss_{name}': float(weights.get(name, 1.0)) for name in LOSSES}
 
 
 def main(args, config, device):
@@ -99,7 +117,8 @@ def main(args, config, device):
                              init_lr=config['warmup_lr'], max_lr=config['init_lr'])
         train_stats = engine.train_one_epoch(model, data_loader, optimizer, epoch, device, config,
                                              partial(train_step, config=config, device=device),
-                                             scaler=scaler, state=state, lr_fn=warmup, window_size=50)
+                                             scaler=scaler, state=state, lr_fn=warmup, window_size=50,
+                                             loss_weights=loss_weights(config, args.config))
 
         engine.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
                           model_without_ddp, optimizer, config, epoch)
@@ -121,6 +140,7 @@ def run(argv=None):
     if config['vit_checkpoint'] == 'default' and DEFAULT_VIT_CHECKPOINTS.get(str(config['vit'])):
         engine.check_url(DEFAULT_VIT_CHECKPOINTS[config['vit']], f'{args.config}: vit_checkpoint (default)')
     check_train_files(config, args.config)
+    loss_weights(config, args.config)
     device = engine.setup(args, config)
     main(args, config, device)
 

@@ -98,6 +98,32 @@ def test_short_last_group_is_averaged_over_its_size():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+def test_loss_weights_scale_each_loss_in_the_sum_but_not_in_the_logs():
+    def two_losses(model, batch, epoch, i, num_iters):
+        x, y = batch
+        out = model(x).float()
+        return {'loss_a': F.mse_loss(out[:, 0], y[:, 0]), 'loss_b': F.mse_loss(out[:, 1], y[:, 1])}
+
+    model, dataset = linear_setup()
+    weighted, reference = copy.deepcopy(model), copy.deepcopy(model)
+    loader = DataLoader(dataset, batch_size=24, shuffle=False)
+    optimizer = torch.optim.SGD(weighted.parameters(), lr=0.1)
+    stats = engine.train_one_epoch(weighted, loader, optimizer, 0, CPU, dict(engine.ENGINE_DEFAULTS), two_losses,
+                                   loss_weights={'loss_a': 0.25})  # loss_b keeps weight 1
+    # the same step by hand: 0.25 * a + b
+    x, y = dataset.tensors
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    with torch.no_grad():
+        out = model(x)
+        logged_a = F.mse_loss(out[:, 0], y[:, 0]).item()
+    out = reference(x)
+    (0.25 * F.mse_loss(out[:, 0], y[:, 0]) + F.mse_loss(out[:, 1], y[:, 1])).backward()
+    reference_optimizer.step()
+    for p, q in zip(weighted.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert float(stats['loss_a']) == pytest.approx(logged_a, abs=1e-3)  # unweighted in the logs
+
+
 @pytest.fixture
 def single_process_group(tmp_path):
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
