@@ -1,6 +1,6 @@
 """pretrain.py: the alpha ramp, the toy run (all three losses fall, ITC below its collapsed
-value; warm-up and step schedules, the original's checkpoints), resuming with --checkpoint under two processes (queue, gathers, hard
-negatives, the next LAION shard), bad input."""
+value; warm-up and step schedules, the original's checkpoints), resuming with --checkpoint
+under two processes (queue, gathers, hard negatives, the next LAION shard), bad input."""
 import json
 import math
 
