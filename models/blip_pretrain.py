@@ -1,10 +1,11 @@
 """BLIP pre-training model: ITC + ITM + LM on image-text pairs.
 
 As BLIP_Retrieval for ITC (momentum encoders, feature queues, momentum distillation) and ITM
-(hard negatives), plus a captioning decoder trained with the LM loss. The decoder shares every
-weight with the text encoder except the self-attention blocks (the paper's parameter sharing),
-so the encoder state_dict keys appear twice (`text_encoder.*` and `text_decoder.bert.*`) for
-one tensor, as in official checkpoints.
+(hard negatives), through the same functions of models/blip_retrieval.py, plus a captioning
+decoder trained with the LM loss. The decoder shares every weight with the text encoder
+except the self-attention blocks (the paper's parameter sharing), so the encoder state_dict
+keys appear twice (`text_encoder.*` and `text_decoder.bert.*`) for one tensor, as in official
+checkpoints.
 
 Initialisation, as the original: the ViT from ImageNet weights (DeiT-B for 'base', timm's
 ViT-L/16 in21k for 'large'), the text encoder/decoder from a BERT checkpoint, word embeddings
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blip import create_vit, download_cached_file, init_tokenizer, is_url, load_med_config, read_checkpoint
-from models.blip_retrieval import copy_params, momentum_update, sample_negatives
+from models.blip_retrieval import (contrastive_loss, copy_params, matching_loss, momentum_features,
+                                   momentum_update, online_features, sample_negatives)
 from models.med import BertLMHeadModel, BertModel
 from models.vit import interpolate_pos_embed
 from utils import concat_all_gather
@@ -110,42 +112,15 @@ class BLIP_Pretrain(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-        image_embeds = self.visual_encoder(image)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
-
-        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=30,
-                              return_tensors='pt').to(image.device)
-        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                        return_dict=True, mode='text')
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        image_embeds, image_atts, image_feat, text, text_feat = online_features(self, image, caption,
+                                                                                max_length=30)
 
         # ============== Image-text contrastive learning ==============
         with torch.no_grad():
             self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            # torch.cat copies the queue, so the in-place enqueue below cannot alter what
-            # backward reads (the original cloned it first as well).
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
-
-            text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
-                                                return_dict=True, mode='text')
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
-
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
-            sim_targets = torch.zeros_like(sim_i2t_m)
-            sim_targets.fill_diagonal_(1)
-            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
-            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
-
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
-        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
-        loss_ita = (loss_i2t + loss_t2i) / 2
+            image_feat_m, text_feat_m = momentum_features(self, image, text)
+        loss_ita, sim_i2t, sim_t2i = contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                                      self.image_queue, self.text_queue, self.temp, alpha)
 
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
@@ -153,42 +128,20 @@ class BLIP_Pretrain(nn.Module):
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
 
-        bs = image.size(0)
-        output_pos = self.text_encoder(encoder_input_ids,
-                                       attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds,
-                                       encoder_attention_mask=image_atts,
-                                       return_dict=True)
-        with torch.no_grad():
-            # In-batch similarities (online vs momentum features, as the original); +1e-4 keeps
-            # every other pair possible, the diagonal (the positive) is excluded.
-            weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1) + 1e-4
-            weights_t2i.fill_diagonal_(0)
-            weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1) + 1e-4
-            weights_i2t.fill_diagonal_(0)
+        def hard_negatives():
+            bs = image.size(0)
+            with torch.no_grad():
+                # In-batch similarities (online vs momentum features, as the original); +1e-4
+                # keeps every other pair possible, the diagonal (the positive) is excluded.
+                weights_t2i = F.softmax(sim_t2i[:, :bs], dim=1) + 1e-4
+                weights_t2i.fill_diagonal_(0)
+                weights_i2t = F.softmax(sim_i2t[:, :bs], dim=1) + 1e-4
+                weights_i2t.fill_diagonal_(0)
+            neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
+            return image_embeds[neg_image_idx], encoder_input_ids[neg_text_idx], text.attention_mask[neg_text_idx]
 
-        neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
-        image_embeds_neg = image_embeds[neg_image_idx]
-        text_ids_neg = encoder_input_ids[neg_text_idx]
-        text_atts_neg = text.attention_mask[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-
-        output_neg = self.text_encoder(text_ids_all,
-                                       attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all,
-                                       encoder_attention_mask=image_atts_all,
-                                       return_dict=True)
-
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :],
-                                   output_neg.last_hidden_state[:, 0, :]], dim=0)
-        vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
-        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        loss_itm = matching_loss(self.text_encoder, self.itm_head, encoder_input_ids, text.attention_mask,
+                                 image_embeds, image_atts, hard_negatives)
 
         # ============== Language modelling ==============
         decoder_input_ids = text.input_ids.clone()

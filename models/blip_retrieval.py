@@ -8,7 +8,8 @@ Two objectives, as in the original release:
   not; each positive pair comes with one hard negative image per text and one hard negative
   text per image, sampled in proportion to their ITC similarity.
 
-The momentum helpers (`copy_params`, `momentum_update`) and the negative sampler are module
+The momentum helpers (`copy_params`, `momentum_update`), the two losses (`online_features`,
+`momentum_features`, `contrastive_loss`, `matching_loss`) and the negative sampler are module
 functions because BLIP_Pretrain uses the same ones.
 """
 import torch
@@ -84,47 +85,19 @@ class BLIP_Retrieval(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-        image_embeds = self.visual_encoder(image)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
-
-        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=35,
-                              return_tensors='pt').to(image.device)
-        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                        return_dict=True, mode='text')
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        image_embeds, image_atts, image_feat, text, text_feat = online_features(self, image, caption,
+                                                                                max_length=35)
 
         # ============== Image-text contrastive learning ==============
         idx = idx.view(-1, 1)
         with torch.no_grad():
             self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            # torch.cat copies the queue, so the in-place enqueue below cannot alter what
-            # backward reads (the original cloned it first as well).
-            image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
-
-            text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
-                                                return_dict=True, mode='text')
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
-
-            sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_m_all / self.temp
-
-            # The original builds id-aware targets (every queue entry with the same image id
-            # counts as positive) and then overwrites them with this plain diagonal before use;
-            # the diagonal is what it trains with, so it is what we use.
-            sim_targets = torch.zeros_like(sim_i2t_m)
-            sim_targets.fill_diagonal_(1)
-            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
-            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
-
-        sim_i2t = image_feat @ text_feat_m_all / self.temp
-        sim_t2i = text_feat @ image_feat_m_all / self.temp
-        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
-        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
-        loss_ita = (loss_i2t + loss_t2i) / 2
+            image_feat_m, text_feat_m = momentum_features(self, image, text)
+        # The original builds id-aware targets (every queue entry with the same image id counts
+        # as positive) and then overwrites them with the plain diagonal before use; the
+        # diagonal is what it trains with, so contrastive_loss uses it.
+        loss_ita, _, _ = contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                          self.image_queue, self.text_queue, self.temp, alpha)
 
         idxs = concat_all_gather(idx)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
@@ -133,57 +106,35 @@ class BLIP_Retrieval(nn.Module):
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
 
-        bs = image.size(0)
-        output_pos = self.text_encoder(encoder_input_ids,
-                                       attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds,
-                                       encoder_attention_mask=image_atts,
-                                       return_dict=True)
+        def hard_negatives():
+            # Candidates: this rank's batch, or every rank's batch.
+            if self.negative_all_rank:
+                with torch.no_grad():
+                    idx_world = idxs
+                    image_feat_world = concat_all_gather(image_feat)
+                    text_feat_world = concat_all_gather(text_feat)
+                image_embeds_world = all_gather_with_grad(image_embeds)
+                input_ids_world = concat_all_gather(encoder_input_ids)
+                att_mask_world = concat_all_gather(text.attention_mask)
+            else:
+                idx_world, image_feat_world, text_feat_world = idx, image_feat, text_feat
+                image_embeds_world = image_embeds
+                input_ids_world, att_mask_world = encoder_input_ids, text.attention_mask
 
-        # Candidates for the hard negatives: this rank's batch, or every rank's batch.
-        if self.negative_all_rank:
             with torch.no_grad():
-                idx_world = idxs
-                image_feat_world = concat_all_gather(image_feat)
-                text_feat_world = concat_all_gather(text_feat)
-            image_embeds_world = all_gather_with_grad(image_embeds)
-            input_ids_world = concat_all_gather(encoder_input_ids)
-            att_mask_world = concat_all_gather(text.attention_mask)
-        else:
-            idx_world, image_feat_world, text_feat_world = idx, image_feat, text_feat
-            image_embeds_world = image_embeds
-            input_ids_world, att_mask_world = encoder_input_ids, text.attention_mask
+                # Pairs showing the same image are never negatives of each other.
+                same_image = torch.eq(idx, idx_world.t())
+                weights_i2t = F.softmax(image_feat @ text_feat_world.t() / self.temp, dim=1)
+                weights_i2t.masked_fill_(same_image, 0)
+                weights_t2i = F.softmax(text_feat @ image_feat_world.t() / self.temp, dim=1)
+                weights_t2i.masked_fill_(same_image, 0)
 
-        with torch.no_grad():
-            # Pairs showing the same image are never negatives of each other.
-            same_image = torch.eq(idx, idx_world.t())
-            weights_i2t = F.softmax(image_feat @ text_feat_world.t() / self.temp, dim=1)
-            weights_i2t.masked_fill_(same_image, 0)
-            weights_t2i = F.softmax(text_feat @ image_feat_world.t() / self.temp, dim=1)
-            weights_t2i.masked_fill_(same_image, 0)
+            neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
+            return (image_embeds_world[neg_image_idx], input_ids_world[neg_text_idx],
+                    att_mask_world[neg_text_idx])
 
-        neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
-        image_embeds_neg = image_embeds_world[neg_image_idx]
-        text_ids_neg = input_ids_world[neg_text_idx]
-        text_atts_neg = att_mask_world[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        image_atts_all = torch.cat([image_atts, image_atts], dim=0)
-
-        output_neg = self.text_encoder(text_ids_all,
-                                       attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all,
-                                       encoder_attention_mask=image_atts_all,
-                                       return_dict=True)
-
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :],
-                                   output_neg.last_hidden_state[:, 0, :]], dim=0)
-        vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
-                                torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
-        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        loss_itm = matching_loss(self.text_encoder, self.itm_head, encoder_input_ids, text.attention_mask,
+                                 image_embeds, image_atts, hard_negatives)
         return loss_ita, loss_itm
 
     def select_negatives(self, weights_t2i, weights_i2t):
@@ -230,6 +181,93 @@ def blip_retrieval(pretrained='', **kwargs):
 
 # ---------------------------------------------------------------------------------------------
 # Shared with BLIP_Pretrain
+
+
+def online_features(model, image, caption, max_length):
+    """The online encoders' ITC inputs: (image_embeds, image_atts, image_feat, text, text_feat).
+
+    image_embeds (B, 1 + patches, W) and its all-ones mask; text: the tokenizer's output
+    (padded to max_length); image_feat / text_feat: projected, normalised [CLS] features (B, D).
+    """
+    image_embeds = model.visual_encoder(image)
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    text = model.tokenizer(caption, padding='max_length', truncation=True, max_length=max_length,
+                           return_tensors='pt').to(image.device)
+    text_output = model.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                     return_dict=True, mode='text')
+    text_feat = F.normalize(model.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+    return image_embeds, image_atts, image_feat, text, text_feat
+
+
+def momentum_features(model, image, text):
+    """Normalised ITC features of the momentum encoders: (image_feat_m, text_feat_m), each (B, D).
+
+    model: BLIP_Retrieval or BLIP_Pretrain (visual_encoder_m, vision_proj_m, text_encoder_m,
+    text_proj_m); text: the tokenizer's output for the captions.
+    """
+    image_embeds_m = model.visual_encoder_m(image)
+    image_feat_m = F.normalize(model.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+    text_output_m = model.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
+                                         return_dict=True, mode='text')
+    text_feat_m = F.normalize(model.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+    return image_feat_m, text_feat_m
+
+
+def contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
+    """ITC with momentum distillation: (loss_ita, sim_i2t, sim_t2i).
+
+    The online features (B, D) are contrasted with the momentum features of the batch followed
+    by the queues (D, Q): B + Q candidates. The targets mix the one-hot pairing (weight
+    1 - alpha) with the softmax of the momentum model's own similarities (weight alpha).
+    """
+    with torch.no_grad():
+        # torch.cat copies the queue, so the in-place enqueue after this cannot alter what
+        # backward reads (the original cloned it first as well).
+        image_feat_m_all = torch.cat([image_feat_m.t(), image_queue], dim=1)
+        text_feat_m_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
+
+        sim_i2t_m = image_feat_m @ text_feat_m_all / temp
+        sim_t2i_m = text_feat_m @ image_feat_m_all / temp
+        sim_targets = torch.zeros_like(sim_i2t_m)
+        sim_targets.fill_diagonal_(1)
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+    sim_i2t = image_feat @ text_feat_m_all / temp
+    sim_t2i = text_feat @ image_feat_m_all / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+
+def matching_loss(text_encoder, itm_head, input_ids, attention_mask, image_embeds, image_atts, hard_negatives):
+    """ITM cross-entropy over B positive pairs and 2B negatives.
+
+    input_ids start with [ENC]. hard_negatives() -> (image_embeds_neg, text_ids_neg,
+    text_atts_neg): a negative image for each text and a negative text for each image. It is
+    called after the positive pairs' forward pass, where the original draws them (sampling and
+    dropout share the RNG). Pairs: [positives | (text, negative image) | (negative text, image)].
+    """
+    bs = image_embeds.size(0)
+    output_pos = text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=image_atts, return_dict=True)
+    image_embeds_neg, text_ids_neg, text_atts_neg = hard_negatives()
+
+    text_ids_all = torch.cat([input_ids, text_ids_neg], dim=0)
+    text_atts_all = torch.cat([attention_mask, text_atts_neg], dim=0)
+    image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+    image_atts_all = torch.cat([image_atts, image_atts], dim=0)
+    output_neg = text_encoder(text_ids_all, attention_mask=text_atts_all, encoder_hidden_states=image_embeds_all,
+                              encoder_attention_mask=image_atts_all, return_dict=True)
+
+    vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :],
+                               output_neg.last_hidden_state[:, 0, :]], dim=0)
+    vl_output = itm_head(vl_embeddings)
+    itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
+                            torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
+    return F.cross_entropy(vl_output, itm_labels)
 
 
 def _param_lists(model_pairs):
