@@ -20,7 +20,6 @@ import os
 import time
 from functools import partial
 
-
 import engine
 import utils
 from data import create_dataset, create_loader, create_sampler
@@ -100,6 +99,7 @@ def main(args, config, device):
                           bert_checkpoint=config['bert_checkpoint'] or None)
     model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
 
+    weights = loss_weights(config, args.config)
     print('Start training')
     start_time = time.time()
     for epoch in range(state.start_epoch, config['max_epoch']):
@@ -118,7 +118,7 @@ def main(args, config, device):
         train_stats = engine.train_one_epoch(model, data_loader, optimizer, epoch, device, config,
                                              partial(train_step, config=config, device=device),
                                              scaler=scaler, state=state, lr_fn=warmup, window_size=50,
-                                             loss_weights=loss_weights(config, args.config))
+                                             loss_weights=weights)
 
         engine.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
                           model_without_ddp, optimizer, config, epoch)

@@ -483,7 +483,6 @@ def test_prepare_synthetic_data_generates_once(tmp_path, monkeypatch):
 
 
 def test_ddp_starts_every_rank_with_rank_0s_parameters_and_buffers(tmp_path):
-    import json
     from script_runner import run_script
     result_file = tmp_path / 'result.json'
     run_script('tests/dist_worker_engine.py', result_file, nproc=2, timeout=300)

@@ -19,7 +19,6 @@ RESULT_KEYS = ['txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'vid_r1', 'vid_r5', 
                'vid_mdR', 'r_mean']
 
 
-
 class RandomVideos(Dataset):
     """What VideoDataset exposes: (video, index) items, .text, .txt2video, .video2txt."""
 

@@ -19,7 +19,6 @@ ITC_DROP = 0.3
 EPOCHS = utils.load_config(TOY_CONFIG)['max_epoch']  # of the toy run the tests read
 
 
-
 def toy_argv(output_dir, *overrides):
     return ['--config', str(TOY_CONFIG), '--output_dir', str(output_dir), '--device', 'cpu', *overrides]
 

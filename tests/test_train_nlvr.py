@@ -18,7 +18,6 @@ import utils
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'nlvr.yaml'
 
 
-
 class SwappingPairs(Dataset):
     """(image0, image1, sentence, label) items that, like nlvr_dataset, swap the images at random."""
 
