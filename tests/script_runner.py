@@ -3,6 +3,7 @@
 Shared by the script tests, so every task is exercised the same way (CPU, gloo, one
 thread per process, a free rendezvous port, a timeout that turns a hang into a failure).
 """
+import collections
 import contextlib
 import json
 import os
@@ -53,6 +54,17 @@ def toy_setup(script, config_path):
         yield args, config
     finally:
         os.chdir(cwd)
+
+
+def image_blind_guesses(training_pairs, texts):
+    """The best guesses a model that never looks at the image could learn from
+    training_pairs [(text, answer)]: for each of `texts`, the answer paired with it most often
+    in training (the most common answer overall for a text never seen there)."""
+    answers = collections.defaultdict(collections.Counter)
+    for text, answer in training_pairs:
+        answers[text][answer] += 1
+    overall = sum(answers.values(), collections.Counter())
+    return [(answers.get(text) or overall).most_common(1)[0][0] for text in texts]
 
 
 def free_port():

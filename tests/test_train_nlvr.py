@@ -1,7 +1,6 @@
 """train_nlvr.py: exact accuracy under any split of the work, the toy run (fine-tuned from the
 toy VQA model: the loss falls, dev and test accuracy far above chance and above image-blind
 rules), one vs two processes, bad input."""
-import collections
 import json
 import random
 
@@ -10,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conftest import REPO, VQA_TOY_EPOCHS
-from script_runner import one_thread, read_json_lines, run_script, script_config
+from script_runner import image_blind_guesses, one_thread, read_json_lines, run_script, script_config
 
 import train_nlvr
 import utils
@@ -101,17 +100,13 @@ def toy_run(tmp_path_factory, vqa_toy_run):
 
 
 def image_blind_accuracy(split_file):
-    """Accuracy on split_file of the best rule that ignores the images: the training label most
-    common for each sentence (the overall majority for sentences not seen in training)."""
+    """Accuracy on split_file of the best rule that ignores the images, learnt from the training
+    statements (script_runner.image_blind_guesses: the label most common for each sentence)."""
     def read(name):
         return json.loads((REPO / 'datasets/shapes/annotation' / name).read_text())
-    votes = collections.defaultdict(collections.Counter)
-    for ann in read('nlvr_train.json'):
-        votes[ann['sentence']][ann['label']] += 1
-    overall = sum(votes.values(), collections.Counter()).most_common(1)[0][0]
     split = read(split_file)
-    guesses = [votes[ann['sentence']].most_common(1)[0][0] if ann['sentence'] in votes else overall
-               for ann in split]
+    guesses = image_blind_guesses([(ann['sentence'], ann['label']) for ann in read('nlvr_train.json')],
+                                  [ann['sentence'] for ann in split])
     return sum(guess == ann['label'] for guess, ann in zip(guesses, split)) / len(split)
 
 

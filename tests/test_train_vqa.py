@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, VQA_TOY_CONFIG, VQA_TOY_EPOCHS
-from script_runner import read_json_lines, run_script, script_config, toy_setup
+from script_runner import image_blind_guesses, read_json_lines, run_script, script_config, toy_setup
 
 import train_vqa
 from train_vqa import answer_accuracy, normalize_answer, vqa_accuracy
@@ -40,18 +40,15 @@ def majority_answer_accuracy(annotation):
 
 def image_blind_accuracy(annotation):
     """Accuracy of the best model that never looks at the image, as it could learn from the
-    training files: for every question text, the answer given most often to it there (the
-    most common answer overall for a text never seen in training)."""
-    answers = collections.defaultdict(collections.Counter)
+    training files (script_runner.image_blind_guesses, each human answer a training pair)."""
+    pairs = []
     for name in ('vqa_train', 'vqa_val', 'vg_qa'):
         for ann in json.loads((REPO / f'datasets/shapes/annotation/{name}.json').read_text()):
             given = ann['answer'] if isinstance(ann['answer'], list) else [ann['answer']]
-            answers[ann['question']].update(given)
-    overall = sum(answers.values(), collections.Counter())
-    guesses = [{'question_id': ann['question_id'],
-                'answer': (answers.get(ann['question']) or overall).most_common(1)[0][0]}
-               for ann in annotation]
-    return vqa_accuracy(guesses, annotation)
+            pairs += [(ann['question'], answer) for answer in given]
+    guesses = image_blind_guesses(pairs, [ann['question'] for ann in annotation])
+    return vqa_accuracy([{'question_id': ann['question_id'], 'answer': guess}
+                         for ann, guess in zip(annotation, guesses)], annotation)
 
 
 @pytest.fixture(scope='module')
