@@ -1,18 +1,23 @@
-# `make test` and `make demo` set themselves up: each creates .venv (CPU build of torch)
-# when it is missing, then runs. GPU users install requirements.txt into their own env.
+# `make test` and `make demo` set themselves up: each creates .venv (CPU build of torch, the
+# exact versions of requirements-lock.txt) when it is missing, then runs. GPU users install
+# requirements.txt (ranges) into their own env. `make test-latest` checks the newest releases
+# the ranges allow in a separate .venv-latest, before the lock is moved.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-cpu
+LATEST := .venv-latest
+LATEST_BIN := $(LATEST)/bin
 
-.PHONY: test demo venv clean
+.PHONY: test test-latest demo venv clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-cpu.txt tools/fix_cpu_torchvision.py
+$(STAMP): requirements.txt requirements-cpu.txt requirements-lock.txt tools/fix_cpu_torchvision.py
+	@echo "Setting up $(VENV): the locked CPU set of requirements-lock.txt (torch 2.13.0 CPU, transformers, timm, ...)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements-cpu.txt
+	$(BIN)/pip install --quiet -c requirements-lock.txt --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-cpu.txt -c requirements-lock.txt
 	$(BIN)/python tools/fix_cpu_torchvision.py
 	touch $(STAMP)
 
@@ -22,5 +27,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
+# A fresh environment every time, so it really holds today's newest releases.
+test-latest:
+	@echo "Setting up $(LATEST): the newest releases requirements-cpu.txt allows (no lock)"
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST_BIN)/pip install --quiet --upgrade pip
+	$(LATEST_BIN)/pip install --quiet --upgrade -r requirements-cpu.txt
+	$(LATEST_BIN)/python tools/fix_cpu_torchvision.py
+	$(LATEST_BIN)/pip freeze --all | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > $(LATEST)/versions.txt
+	@echo "Versions under test (also in $(LATEST)/versions.txt):"
+	@grep -iE '^(torch|torchvision|transformers|timm|tokenizers|numpy|pillow)==' $(LATEST)/versions.txt
+	$(LATEST_BIN)/python -m pytest -q tests
+
 clean:
-	rm -rf $(VENV) output
+	rm -rf $(VENV) $(LATEST) output
