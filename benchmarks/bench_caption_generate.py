@@ -1,11 +1,13 @@
-"""Caption generation: image keys/values projected once (ours) vs at every step (the original).
+"""Caption generation: image keys/values projected once per image (ours) vs for every beam at
+every step (the original).
 
-The original decoder (transformers 4.15 BERT) cached only self-attention keys/values: at every
-generation step each cross-attention layer projected all image tokens of every beam again.
-Ours (models/med.py) keeps them in the EncoderDecoderCache's cross-attention part, projected at
-the first step and reused. The baseline here is our own decoder with that reuse switched off
-(BertSelfAttention._cached_cross_kv replaced by a plain projection), so everything else, beam
-search included, is the same code and the captions must be identical.
+The original decoder (transformers 4.15 BERT) repeats the image tokens for every beam and caches
+only self-attention keys/values: at every generation step each cross-attention layer projects
+all image tokens of every beam again. Ours (models/generation.py) projects each image's keys and
+values once (`compute_cross_kv`) and shares them with all of its beams, without copies. The
+baseline here is our own decoding loop with that sharing switched off (each step cross-attends
+to the image tokens repeated per beam), so everything else, beam search included, is the same
+code and the captions must be identical.
 
 Timed: BLIP_Decoder.generate (ViT-B, BERT-base decoder, random weights) for a batch of images,
 beam search (num_beams=3, max_length=20, min_length=5) and greedy, both end to end and
@@ -20,8 +22,8 @@ from torch import nn
 
 from _common import parse_args, print_header, print_markdown, report, setup, time_alternating
 
+from models import generation
 from models.blip import blip_decoder
-from models.med import BertSelfAttention
 
 SIZES = {
     'base': dict(images=4, image_size=224),
@@ -31,20 +33,33 @@ REPEATS = {'base': 5, 'small': 2}
 GENERATION = dict(max_length=20, min_length=5)
 
 
+class ReprojectingStepper(generation._Stepper):
+    """The original's decoding step: the image tokens repeated for every row (beam) and
+    projected to keys/values again at every step."""
+
+    def __init__(self, decoder, image_embeds, image_atts, capacity, use_cache):
+        super().__init__(decoder, image_embeds, image_atts, capacity, use_cache)
+        self.cross_kv = None
+        self.image_embeds = image_embeds
+
+    def next_logits(self, input_ids):
+        rows = input_ids.shape[0] // self.image_embeds.shape[0]
+        new_ids = input_ids if self.cache is None else input_ids[:, self.cache.get_seq_length():]
+        hidden = self.decoder.bert(new_ids, encoder_hidden_states=self.image_embeds.repeat_interleave(rows, 0),
+                                   encoder_attention_mask=self.image_atts.repeat_interleave(rows, 0),
+                                   kv_cache=self.cache, is_decoder=True, mode='multimodal').last_hidden_state
+        return self.decoder.cls(hidden[:, -1:])[:, -1].float()
+
+
 @contextlib.contextmanager
 def reproject_every_step():
-    """The original's behaviour: cross-attention keys/values computed from the image tokens at
-    every call, whatever the cache holds."""
-    cached = BertSelfAttention._cached_cross_kv
-
-    def project(self, encoder_hidden_states, cache):
-        return self.project_kv(encoder_hidden_states)
-
-    BertSelfAttention._cached_cross_kv = project
+    """The original's behaviour, for the duration of the block."""
+    ours = generation._Stepper
+    generation._Stepper = ReprojectingStepper
     try:
         yield
     finally:
-        BertSelfAttention._cached_cross_kv = cached
+        generation._Stepper = ours
 
 
 class PrecomputedImage(nn.Module):

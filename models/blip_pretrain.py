@@ -21,7 +21,7 @@ from torch import nn
 from models.blip import create_vit, download_cached_file, init_tokenizer, is_url, load_med_config, read_checkpoint
 from models.blip_retrieval import (contrastive_loss, copy_params, matching_loss, momentum_features,
                                    momentum_update, online_features, sample_negatives)
-from models.med import BertLMHeadModel, BertModel
+from models.med import BertLMHeadModel, BertModel, load_bert_weights
 from models.vit import interpolate_pos_embed
 from utils import concat_all_gather
 
@@ -60,8 +60,8 @@ class BLIP_Pretrain(nn.Module):
                 'base'/'large', nothing for a custom mapping), a file path or http(s) URL
                 (.pth/.pt holding {'model': state_dict} or a state dict; .npz in timm's JAX
                 layout), or None for random initialisation.
-            bert_checkpoint: a directory (or hub name) with BERT weights in transformers'
-                format for the text encoder and decoder; None keeps them random.
+            bert_checkpoint: a folder (or hub name) with BERT weights in transformers' layout
+                for the text encoder and decoder (med.load_bert_weights); None keeps them random.
         """
         super().__init__()
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer, 0)
@@ -191,10 +191,11 @@ def blip_pretrain(**kwargs):
 
 
 def _build(cls, checkpoint, config, **kwargs):
-    """cls(config) with random weights, or cls.from_pretrained(checkpoint) when one is given."""
-    if not checkpoint:
-        return cls(config=config, **kwargs)
-    return cls.from_pretrained(str(checkpoint), config=config, **kwargs)
+    """cls(config) with random weights, then the BERT checkpoint's weights when one is given."""
+    model = cls(config=config, **kwargs)
+    if checkpoint:
+        load_bert_weights(model, checkpoint)
+    return model
 
 
 def load_vit_weights(visual_encoder, url_or_filename):

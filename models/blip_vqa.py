@@ -77,7 +77,6 @@ class BLIP_VQA(nn.Module):
                                               attention_mask=answer.attention_mask,
                                               encoder_hidden_states=question_states.repeat_interleave(counts, dim=0),
                                               encoder_attention_mask=question.attention_mask.repeat_interleave(counts, dim=0),
-                                              use_cache=False,
                                               return_dict=True).logits
             answer_loss = smoothed_sequence_loss(answer_logits, answer_targets)
             loss = torch.as_tensor(weights, device=image.device) * answer_loss
@@ -103,7 +102,7 @@ class BLIP_VQA(nn.Module):
         question_atts = torch.ones(question_states.shape[:-1], dtype=torch.long, device=question_states.device)
         bos_ids = torch.full((question_states.size(0), 1), self.tokenizer.bos_token_id,
                              dtype=torch.long, device=question_states.device)
-        # generate() repeats encoder_hidden_states per beam itself.
+        # one row per question: its beams share the question's keys/values
         outputs = self.text_decoder.generate(input_ids=bos_ids,
                                              max_length=max_length,
                                              min_length=min_length,
@@ -125,7 +124,7 @@ class BLIP_VQA(nn.Module):
 
         start_ids = answer_ids[0, 0].repeat(num_ques, 1)  # [DEC]
         start_logits = self.text_decoder(start_ids, encoder_attention_mask=question_atts, cross_kv=cross_kv,
-                                         use_cache=False, return_dict=True).logits
+                                         return_dict=True).logits
         prob_first_token = F.softmax(start_logits[:, 0, :], dim=1).index_select(dim=1, index=answer_ids[:, 1])
         topk_probs, topk_ids = prob_first_token.topk(k, dim=1)
 
@@ -134,7 +133,7 @@ class BLIP_VQA(nn.Module):
         input_atts = answer_atts[topk_ids.reshape(-1)]
         targets_ids = input_ids.masked_fill(input_ids == self.tokenizer.pad_token_id, -100)
         logits = self.text_decoder(input_ids, attention_mask=input_atts, encoder_attention_mask=question_atts,
-                                   cross_kv=cross_kv, use_cache=False, return_dict=True).logits
+                                   cross_kv=cross_kv, return_dict=True).logits
         log_probs_sum = -smoothed_sequence_loss(logits, targets_ids).view(num_ques, k)
         best = log_probs_sum.argmax(dim=1)
         return topk_ids.gather(1, best[:, None]).squeeze(1)

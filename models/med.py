@@ -15,37 +15,35 @@ What is new:
 - attention runs through `F.scaled_dot_product_attention` with the additive float mask; the
   explicit softmax path is kept for `output_attentions`, `head_mask` and the cross-attention
   map capture (`save_attention`, used for Grad-CAM);
-- generation goes through transformers' `generate()` with its Cache classes: the self-attention
-  cache grows per step, cross-attention keys/values are computed once and reused at every step;
-  beam search reproduces transformers 4.15's beam scorer, so captions match the original token
-  for token (see `BertLMHeadModel._beam_search`);
+- plain `nn.Module`s: transformers provides only `BertConfig` (and the tokenizer, in blip.py);
+  weight initialisation, BERT checkpoint loading (`load_bert_weights`) and generation
+  (models/generation.py: greedy, 4.15's beam search, nucleus sampling, our own key/value cache)
+  are this project's code, so a transformers release cannot change BLIP's numbers;
 - `BertModel.compute_cross_kv(image_embeds)` / `cross_kv=` let a caller that scores many texts
   against the same image (retrieval re-ranking, VQA answer ranking) project the image keys and
   values once per image instead of once per text;
 - optional activation checkpointing of the text layers (`encoder.gradient_checkpointing = True`
   or `gradient_checkpointing_enable()`).
 """
+import dataclasses
 import math
+import os
 import warnings
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.generation import GenerateBeamDecoderOnlyOutput, StoppingCriteriaList
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPastAndCrossAttentions,
-    BaseModelOutputWithPoolingAndCrossAttentions,
-    CausalLMOutputWithCrossAttentions,
-)
-from transformers.models.bert.configuration_bert import BertConfig
+from transformers import BertConfig
+
+from models import generation
+from models.generation import KVCache
 
 __all__ = ['BertConfig', 'BertModel', 'BertLMHeadModel', 'BertEncoder', 'BertLayer', 'BertAttention',
-           'BertSelfAttention', 'BertSelfOutput', 'BertEmbeddings', 'BertPreTrainedModel']
+           'BertSelfAttention', 'BertSelfOutput', 'BertEmbeddings', 'BertPreTrainedModel', 'KVCache',
+           'load_bert_weights']
 
 # Additive mask values of the original: self-attention masks use -10000 (BLIP's
 # get_extended_attention_mask); the image mask goes through transformers 4.15's
@@ -55,6 +53,53 @@ SELF_MASK_VALUE = -10000.0
 
 def _cross_mask_value(dtype):
     return -1e4 if dtype == torch.float16 else -1e9
+
+
+# BERT config `hidden_act` names; 'gelu' is the exact (erf) GELU, as in BERT and the original.
+ACTIVATIONS = {
+    'gelu': F.gelu,
+    'gelu_new': lambda x: F.gelu(x, approximate='tanh'),
+    'gelu_pytorch_tanh': lambda x: F.gelu(x, approximate='tanh'),
+    'relu': F.relu,
+    'silu': F.silu,
+    'swish': F.silu,
+    'tanh': torch.tanh,
+}
+
+
+def activation(name):
+    """The activation function a BERT config names (or the callable it holds)."""
+    if callable(name):
+        return name
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@dataclasses.dataclass
+class TextModelOutput:
+    """What BertModel returns (the fields the original's BaseModelOutputWithPoolingAndCrossAttentions
+    had, less the cache, which the caller owns)."""
+    last_hidden_state: torch.Tensor
+    pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+    def to_tuple(self):
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+
+@dataclasses.dataclass
+class LMOutput:
+    """What BertLMHeadModel returns: the loss (with `labels`) and the logits of every position."""
+    loss: Optional[torch.Tensor]
+    logits: torch.Tensor
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+    to_tuple = TextModelOutput.to_tuple
 
 
 class BertEmbeddings(nn.Module):
@@ -131,38 +176,25 @@ class BertSelfAttention(nn.Module):
         """Keys and values of `states`, each (B, heads, L, head_size)."""
         return self.transpose_for_scores(self.key(states)), self.transpose_for_scores(self.value(states))
 
-    def _cached_cross_kv(self, encoder_hidden_states, cache):
-        # In generation the image does not change: project it at the first step, reuse afterwards.
-        if isinstance(cache, EncoderDecoderCache) and self.layer_idx is not None:
-            if cache.is_updated.get(self.layer_idx):
-                layer = cache.cross_attention_cache.layers[self.layer_idx]
-                return layer.keys, layer.values
-            key, value = self.project_kv(encoder_hidden_states)
-            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
-            cache.is_updated[self.layer_idx] = True
-            return key, value
-        return self.project_kv(encoder_hidden_states)
-
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, output_attentions=False, cross_kv=None):
+                encoder_attention_mask=None, kv_cache=None, output_attentions=False, cross_kv=None):
+        """`kv_cache` (self-attention only): a KVCache holding the keys/values of earlier tokens,
+        extended with this call's. `cross_kv`: this layer's precomputed image keys/values."""
         query = self.transpose_for_scores(self.query(hidden_states))
 
         if self.is_cross_attention:
             mask = encoder_attention_mask
             if cross_kv is not None:
                 key, value = cross_kv
+            elif encoder_hidden_states is not None:
+                key, value = self.project_kv(encoder_hidden_states)
             else:
-                if encoder_hidden_states is None:
-                    raise ValueError("cross-attention needs encoder_hidden_states or cross_kv")
-                key, value = self._cached_cross_kv(encoder_hidden_states, past_key_values)
+                raise ValueError("cross-attention needs encoder_hidden_states or cross_kv")
         else:
             mask = attention_mask
             key, value = self.project_kv(hidden_states)
-            if past_key_values is not None:
-                cache = past_key_values
-                if isinstance(cache, EncoderDecoderCache):
-                    cache = cache.self_attention_cache
-                key, value = cache.update(key, value, self.layer_idx)
+            if kv_cache is not None:
+                key, value = kv_cache.update(self.layer_idx, key, value)
 
         # Shared keys (cross_kv of G images for B = G*r texts, grouped by image): fold the r texts
         # of each image into the query length, so each image's keys are used without copies.
@@ -227,9 +259,9 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, output_attentions=False, cross_kv=None):
+                encoder_attention_mask=None, kv_cache=None, output_attentions=False, cross_kv=None):
         context, probs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states,
-                                   encoder_attention_mask, past_key_values, output_attentions, cross_kv)
+                                   encoder_attention_mask, kv_cache, output_attentions, cross_kv)
         return self.output(context, hidden_states), probs
 
 
@@ -237,8 +269,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        act = config.hidden_act
-        self.intermediate_act_fn = ACT2FN[act] if isinstance(act, str) else act
+        self.intermediate_act_fn = activation(config.hidden_act)
 
     def forward(self, hidden_states):
         return self.intermediate_act_fn(self.dense(hidden_states))
@@ -274,10 +305,10 @@ class BertLayer(nn.Module):
         return BertAttention(config, is_cross_attention=is_cross_attention, layer_idx=layer_num)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, output_attentions=False, mode=None,
+                encoder_attention_mask=None, kv_cache=None, output_attentions=False, mode=None,
                 cross_kv=None):
         attention_output, self_probs = self.attention(
-            hidden_states, attention_mask, head_mask, past_key_values=past_key_values,
+            hidden_states, attention_mask, head_mask, kv_cache=kv_cache,
             output_attentions=output_attentions)
 
         cross_probs = None
@@ -288,7 +319,7 @@ class BertLayer(nn.Module):
                 raise ValueError("this text model was built without cross-attention (add_cross_attention=False)")
             attention_output, cross_probs = self.crossattention(
                 attention_output, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
-                past_key_values=past_key_values, output_attentions=output_attentions, cross_kv=cross_kv)
+                output_attentions=output_attentions, cross_kv=cross_kv)
 
         layer_output = self.feed_forward_chunk(attention_output)
         return layer_output, self_probs, cross_probs
@@ -307,16 +338,16 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, mode='multimodal', cross_kv=None):
+                encoder_attention_mask=None, kv_cache=None, output_attentions=False, output_hidden_states=False,
+                mode='multimodal', cross_kv=None):
         all_hidden_states = () if output_hidden_states else None
         all_self_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions and mode == 'multimodal' else None
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if checkpointing and past_key_values is not None:
-            warnings.warn("use_cache is incompatible with activation checkpointing; the cache is not filled")
-            past_key_values = None
+        if checkpointing and kv_cache is not None:
+            warnings.warn("a key/value cache is incompatible with activation checkpointing; it is not filled")
+            kv_cache = None
 
         for i, layer_module in enumerate(self.layer):
             if output_hidden_states:
@@ -324,7 +355,7 @@ class BertEncoder(nn.Module):
             layer_head_mask = head_mask[i] if head_mask is not None else None
             layer_cross_kv = cross_kv[i] if cross_kv is not None else None
             args = (hidden_states, attention_mask, layer_head_mask, encoder_hidden_states, encoder_attention_mask,
-                    past_key_values, output_attentions, mode, layer_cross_kv)
+                    kv_cache, output_attentions, mode, layer_cross_kv)
             if checkpointing:
                 hidden_states, self_probs, cross_probs = checkpoint(layer_module, *args, use_reentrant=False)
             else:
@@ -336,13 +367,8 @@ class BertEncoder(nn.Module):
 
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        next_cache = past_key_values if use_cache else None
-        if not return_dict:
-            return tuple(v for v in [hidden_states, next_cache, all_hidden_states, all_self_attentions,
-                                     all_cross_attentions] if v is not None)
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states, past_key_values=next_cache, hidden_states=all_hidden_states,
-            attentions=all_self_attentions, cross_attentions=all_cross_attentions)
+        return TextModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                               attentions=all_self_attentions, cross_attentions=all_cross_attentions)
 
 
 class BertPooler(nn.Module):
@@ -359,8 +385,7 @@ class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        act = config.hidden_act
-        self.transform_act_fn = ACT2FN[act] if isinstance(act, str) else act
+        self.transform_act_fn = activation(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states):
@@ -390,27 +415,51 @@ class BertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-class BertPreTrainedModel(PreTrainedModel):
-    config_class = BertConfig
-    base_model_prefix = "bert"
-    supports_gradient_checkpointing = True
-    _keys_to_ignore_on_load_missing = [r"position_ids"]
+class BertPreTrainedModel(nn.Module):
+    """Base of the MED text models: holds the BertConfig, BERT's weight initialisation and the
+    activation-checkpointing switch."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @property
+    def dtype(self):
+        """The dtype of the floating-point weights (what additive masks are built in)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     @torch.no_grad()
-    def _init_weights(self, module):
-        """The original BERT initialisation: N(0, initializer_range) weights, zero biases."""
+    def init_weights(self, module=None):
+        """BERT's initialisation of `module` (default: the whole model), children before parents:
+        N(0, initializer_range) for Linear and Embedding weights, zero biases, LayerNorm 1/0."""
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            init.zeros_(module.bias)
-            init.ones_(module.weight)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            init.zeros_(module.bias)
-        if isinstance(module, BertLMPredictionHead):
-            init.zeros_(module.bias)
-        if isinstance(module, BertEmbeddings):
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        for sub in _post_order(self if module is None else module):
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(sub.weight, mean=0.0, std=std)
+            elif isinstance(sub, nn.LayerNorm):
+                nn.init.zeros_(sub.bias)
+                nn.init.ones_(sub.weight)
+            if isinstance(sub, nn.Linear) and sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+            if isinstance(sub, BertLMPredictionHead):
+                nn.init.zeros_(sub.bias)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each text layer in the backward pass instead of keeping its activations."""
+        for module in self.modules():
+            if isinstance(module, BertEncoder):
+                module.gradient_checkpointing = enable
+
+
+def _post_order(module, seen=None):
+    """Every module under `module` once, children before parents (the order, and so the random
+    stream, of BERT's initialisation as transformers applied it)."""
+    seen = set() if seen is None else seen
+    for child in module.children():
+        yield from _post_order(child, seen)
+    if id(module) not in seen:
+        seen.add(id(module))
+        yield module
 
 
 def _expand_head_mask(head_mask, num_layers, dtype):
@@ -432,11 +481,10 @@ class BertModel(BertPreTrainedModel):
 
     def __init__(self, config, add_pooling_layer=True):
         super().__init__(config)
-        self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = self.encoder_class(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
-        self.post_init()
+        self.init_weights()
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -505,18 +553,18 @@ class BertModel(BertPreTrainedModel):
         return self.invert_attention_mask(encoder_attention_mask)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
-                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                is_decoder=False, mode='multimodal', cross_kv=None):
+                encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, kv_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, is_decoder=False,
+                mode='multimodal', cross_kv=None):
         """`mode='text'` skips cross-attention; `'multimodal'` cross-attends to
         `encoder_hidden_states` (or to precomputed `cross_kv`, see `compute_cross_kv`).
-        `is_decoder=True` makes self-attention causal and enables the key/value cache."""
+        `is_decoder=True` makes self-attention causal. `kv_cache` (a KVCache, for decoding): the
+        keys/values of earlier tokens; `input_ids` then holds only the new tokens."""
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else config.return_dict
-        use_cache = (use_cache if use_cache is not None else config.use_cache) if is_decoder else False
 
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both")
@@ -530,13 +578,9 @@ class BertModel(BertPreTrainedModel):
             raise ValueError("pass input_ids, inputs_embeds or encoder_embeds")
         batch_size, seq_length = input_shape
 
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (DynamicCache / EncoderDecoderCache), "
-                            f"got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            past_key_values = (EncoderDecoderCache(DynamicCache(), DynamicCache())
-                               if mode == 'multimodal' and encoder_hidden_states is not None else DynamicCache())
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a models.generation.KVCache, got {type(kv_cache).__name__}")
+        past_length = kv_cache.get_seq_length() if kv_cache is not None else 0
 
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_length + past_length, device=device)
@@ -552,56 +596,14 @@ class BertModel(BertPreTrainedModel):
         else:
             embedding_output = encoder_embeds
 
-        encoder_outputs = self.encoder(
+        outputs = self.encoder(
             embedding_output, attention_mask=extended_attention_mask, head_mask=head_mask,
             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_extended_attention_mask,
-            past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True, mode=mode, cross_kv=cross_kv)
-        sequence_output = encoder_outputs.last_hidden_state
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-
-        if not return_dict:
-            rest = tuple(v for v in [encoder_outputs.past_key_values, encoder_outputs.hidden_states,
-                                     encoder_outputs.attentions, encoder_outputs.cross_attentions] if v is not None)
-            return (sequence_output, pooled_output) + rest
-        return BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=sequence_output, pooler_output=pooled_output,
-            past_key_values=encoder_outputs.past_key_values, hidden_states=encoder_outputs.hidden_states,
-            attentions=encoder_outputs.attentions, cross_attentions=encoder_outputs.cross_attentions)
-
-
-class _BeamHypotheses:
-    """Finished hypotheses of one batch item, kept exactly as transformers 4.15's BeamHypotheses
-    (score = sum of log-probs / length ** length_penalty, length counting the prompt and not the
-    final [SEP]; ties resolved in insertion order)."""
-
-    def __init__(self, num_beams, length_penalty, early_stopping):
-        self.num_beams = num_beams
-        self.length_penalty = length_penalty
-        self.early_stopping = early_stopping
-        self.beams = []
-        self.worst_score = 1e9
-
-    def __len__(self):
-        return len(self.beams)
-
-    def add(self, hyp, sum_logprobs):
-        score = sum_logprobs / (hyp.shape[-1] ** self.length_penalty)
-        if len(self) < self.num_beams or score > self.worst_score:
-            self.beams.append((score, hyp))
-            if len(self) > self.num_beams:
-                ranked = sorted((s, idx) for idx, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst_score = ranked[1][0]
-            else:
-                self.worst_score = min(score, self.worst_score)
-
-    def is_done(self, best_sum_logprobs, cur_len):
-        if len(self) < self.num_beams:
-            return False
-        if self.early_stopping:
-            return True
-        return self.worst_score >= best_sum_logprobs / cur_len ** self.length_penalty
+            kv_cache=kv_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            mode=mode, cross_kv=cross_kv)
+        if self.pooler is not None:
+            outputs.pooler_output = self.pooler(outputs.last_hidden_state)
+        return outputs if return_dict else outputs.to_tuple()
 
 
 def smoothed_sequence_loss(logits, targets, label_smoothing=0.1):
@@ -627,53 +629,31 @@ def smoothed_sequence_loss(logits, targets, label_smoothing=0.1):
 
 
 
-class BertLMHeadModel(BertPreTrainedModel, GenerationMixin):
+class BertLMHeadModel(BertPreTrainedModel):
     """The image-grounded text decoder: BertModel (causal) + LM head tied to the word embeddings."""
-
-    _keys_to_ignore_on_load_unexpected = [r"pooler"]
-    _keys_to_ignore_on_load_missing = [r"position_ids", r"predictions.decoder.bias"]
-    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config):
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False)  # initialised by its own constructor
         self.cls = BertOnlyMLMHead(config)
-        self.post_init()
-        # tie explicitly as well: the state dict must hold one tensor under both keys, whatever
-        # the transformers tying rules decide for this config
+        self.init_weights(self.cls)
+        # one tensor under both state-dict keys, as in the original
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def get_input_embeddings(self):
-        return self.bert.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.bert.embeddings.word_embeddings = value
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        if new_embeddings.bias is not None:
-            self.cls.predictions.bias = new_embeddings.bias
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, head_mask=None, inputs_embeds=None,
-                encoder_hidden_states=None, encoder_attention_mask=None, labels=None, past_key_values=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                return_logits=False, is_decoder=True, reduction='mean', mode='multimodal', cross_kv=None):
+                encoder_hidden_states=None, encoder_attention_mask=None, labels=None, kv_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, return_logits=False,
+                is_decoder=True, reduction='mean', mode='multimodal', cross_kv=None):
         """With `labels`: next-token loss with label smoothing 0.1 (-100 positions ignored),
         `reduction='mean'` over tokens or `'none'`: one summed loss per sequence.
         `return_logits=True` returns only the shifted logits (B, L-1, vocab)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if labels is not None:
-            use_cache = False
-
         outputs = self.bert(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, head_mask=head_mask,
             inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-            is_decoder=is_decoder, mode=mode, cross_kv=cross_kv)
+            encoder_attention_mask=encoder_attention_mask, kv_cache=kv_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True, is_decoder=is_decoder, mode=mode,
+            cross_kv=cross_kv)
         prediction_scores = self.cls(outputs.last_hidden_state)
 
         if return_logits:
@@ -689,182 +669,113 @@ class BertLMHeadModel(BertPreTrainedModel, GenerationMixin):
                 lm_loss = F.cross_entropy(shifted_scores.reshape(-1, shifted_scores.shape[-1]),
                                           labels[:, 1:].reshape(-1), reduction=reduction, label_smoothing=0.1)
 
-        if not return_dict:
-            rest = tuple(v for v in [outputs.past_key_values, outputs.hidden_states, outputs.attentions,
-                                     outputs.cross_attentions] if v is not None)
-            output = (prediction_scores,) + rest
-            return ((lm_loss,) + output) if lm_loss is not None else output
-        return CausalLMOutputWithCrossAttentions(
-            loss=lm_loss, logits=prediction_scores, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions)
+        output = LMOutput(loss=lm_loss, logits=prediction_scores, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions, cross_attentions=outputs.cross_attentions)
+        return output if return_dict else output.to_tuple()
 
-    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids, encoder_hidden_states, encoder_attention_mask=None, max_length=20, min_length=0,
+                 num_beams=1, do_sample=False, top_k=50, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
+                 pad_token_id=0, num_return_sequences=1, length_penalty=1.0, early_stopping=False, use_cache=True,
+                 return_dict_in_generate=False):
+        """Greedy search, beam search (transformers 4.15's rules) or nucleus sampling from the
+        prompts `input_ids`, cross-attending to `encoder_hidden_states`; see models/generation.py.
+        Keywords and defaults are transformers 4.15's generate(). The image goes in with one row
+        per prompt; callers written for transformers 4.x that repeat it per beam themselves
+        (`repeat_interleave(num_beams, 0)`) get the same result.
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **model_kwargs):
-        if attention_mask is None:  # generate() drops all-ones masks
-            attention_mask = input_ids.new_ones(input_ids.shape)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_length:
-            input_ids = input_ids[:, past_length:]  # only the tokens the cache has not seen
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "encoder_hidden_states": model_kwargs.get("encoder_hidden_states"),
-            "encoder_attention_mask": model_kwargs.get("encoder_attention_mask"),
-            "use_cache": model_kwargs.get("use_cache"),
-            "is_decoder": True,
-        }
-        if "mode" in model_kwargs:
-            inputs["mode"] = model_kwargs["mode"]
-        return inputs
+        Returns the token ids (rows, length), or with `return_dict_in_generate` a GenerateOutput
+        (`sequences`, and `sequences_scores` for beam search)."""
+        expand, batch = max(num_beams, num_return_sequences), input_ids.shape[0]
+        if expand > 1 and encoder_hidden_states.shape[0] == batch * expand:
+            encoder_hidden_states = encoder_hidden_states[::expand]
+            if encoder_attention_mask is not None and encoder_attention_mask.shape[0] == batch * expand:
+                encoder_attention_mask = encoder_attention_mask[::expand]
+        output = generation.generate(
+            self, input_ids, encoder_hidden_states, encoder_attention_mask, max_length=max_length,
+            min_length=min_length, num_beams=num_beams, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            num_return_sequences=num_return_sequences, length_penalty=length_penalty,
+            early_stopping=early_stopping, use_cache=use_cache)
+        return output if return_dict_in_generate else output.sequences
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate() makes a DynamicCache for decoder-only models; with image cross-attention we
-        # want an EncoderDecoderCache so the image keys/values are projected once per sequence.
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if (isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False)
-                and model_kwargs.get("encoder_hidden_states") is not None):
-            model_kwargs["past_key_values"] = EncoderDecoderCache(cache, DynamicCache())
 
-    def generate(self, input_ids=None, **kwargs):
-        """transformers' generate(). The image goes in as `encoder_hidden_states` with one row per
-        prompt: generate() repeats it for every beam itself. Callers written for transformers 4.x
-        that repeat it per beam already (`repeat_interleave(num_beams, 0)`) are accepted too."""
-        states = kwargs.get("encoder_hidden_states")
-        if input_ids is not None and isinstance(states, torch.Tensor):
-            config = kwargs.get("generation_config") or self.generation_config
-            expand = max(kwargs.get("num_beams") or config.num_beams or 1,
-                         kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
-            batch = input_ids.shape[0]
-            if expand > 1 and states.shape[0] == batch * expand:
-                kwargs["encoder_hidden_states"] = states[::expand]
-                mask = kwargs.get("encoder_attention_mask")
-                if isinstance(mask, torch.Tensor) and mask.shape[0] == batch * expand:
-                    kwargs["encoder_attention_mask"] = mask[::expand]
-            elif states.shape[0] != batch:
-                raise ValueError(f"encoder_hidden_states has {states.shape[0]} rows for {batch} prompts")
-        return super().generate(input_ids=input_ids, **kwargs)
+# ----------------------------------------------------------------------------- BERT weights
 
-    def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                     **model_kwargs):
-        """Beam search as transformers 4.15 ran it (the release BLIP was trained and evaluated with).
+BERT_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
-        transformers 5 normalises finished beams by the generated length (prompt excluded, final
-        [SEP] included) and finalises beams at max_length differently, which changes captions.
-        Here hypotheses are scored by their full length without the [SEP], running beams are
-        added at the end unless the item is done, and an item is done when its worst kept
-        hypothesis beats the best candidate score / current length. Sampling beam search keeps
-        transformers' implementation.
-        """
-        if generation_config.do_sample:
-            return super()._beam_search(input_ids, logits_processor, stopping_criteria, generation_config,
-                                        synced_gpus=synced_gpus, **model_kwargs)
-        num_beams = generation_config.num_beams
-        batch_beams, cur_len = input_ids.shape
-        batch_size = batch_beams // num_beams
-        length_penalty = generation_config.length_penalty if generation_config.length_penalty is not None else 1.0
-        early_stopping = generation_config.early_stopping is True
-        num_keep = generation_config.num_return_sequences or 1
-        if num_keep > num_beams:
-            raise ValueError(f"num_return_sequences {num_keep} > num_beams {num_beams}")
-        max_length = generation_config.max_length
-        eos_tensor = generation_config._eos_token_tensor
-        eos_ids = set(eos_tensor.view(-1).tolist()) if eos_tensor is not None else set()
-        pad_tensor = generation_config._pad_token_tensor
-        pad_id = int(pad_tensor) if pad_tensor is not None else (min(eos_ids) if eos_ids else 0)
-        final_eos = int(eos_tensor.view(-1)[0]) if eos_tensor is not None else pad_id
-        # [SEP] ends a beam by moving it to the hypotheses, not through a stopping criterion
-        stop_criteria = StoppingCriteriaList([c for c in stopping_criteria if not hasattr(c, "eos_token_id")])
-        device = input_ids.device
 
-        hyps = [_BeamHypotheses(num_beams, length_penalty, early_stopping) for _ in range(batch_size)]
-        done = [False] * batch_size
-        beam_scores = torch.zeros(batch_size, num_beams, dtype=torch.float, device=device)
-        beam_scores[:, 1:] = -1e9  # all beams start equal: only expand the first one
-        beam_scores = beam_scores.view(-1)
+def load_bert_weights(model, checkpoint):
+    """Load a BERT checkpoint in transformers' layout into a BertModel or BertLMHeadModel, as
+    the original's `from_pretrained('bert-base-uncased')` did: the checkpoint's weights where
+    names and shapes match (`bert.` prefixes and the old LayerNorm gamma/beta names handled),
+    everything else (cross-attention, new tokens) keeps its fresh initialisation.
 
-        outputs = self._prefill(input_ids, generation_config, model_kwargs)
-        while True:
-            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-            logits = outputs.logits[:, -1, :].float()
-            del outputs
-            scores = logits_processor(input_ids, F.log_softmax(logits, dim=-1))
-            vocab_size = scores.shape[-1]
-            scores = (scores + beam_scores[:, None]).view(batch_size, num_beams * vocab_size)
-            top_scores, top_ids = torch.topk(scores, 2 * num_beams, dim=1, largest=True, sorted=True)
-            top_beams = (top_ids // vocab_size).tolist()
-            top_tokens = (top_ids % vocab_size).tolist()
-            top_scores_list = top_scores.tolist()
+    `checkpoint`: a folder holding model.safetensors or pytorch_model.bin, one such file, or a
+    hub name (e.g. 'bert-base-uncased'; fetched once through huggingface_hub's cache).
+    Returns the torch load result (missing_keys, unexpected_keys)."""
+    path = _bert_weight_file(str(checkpoint))
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    own = model.state_dict()
+    has_prefix = all(key.startswith('bert.') or key.startswith('cls.') for key in own)
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias')
+        if has_prefix and not (key.startswith('bert.') or key.startswith('cls.')):
+            key = 'bert.' + key  # a bare BertModel checkpoint into the LM model
+        elif not has_prefix and key.startswith('bert.'):
+            key = key[len('bert.'):]
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"BERT checkpoint {path}: {key} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(own[key].shape)} (is the med/bert config the checkpoint's?)")
+        renamed[key] = value
+    result = model.load_state_dict(renamed, strict=False)
+    loaded = len(set(renamed) & set(own))
+    if not loaded:
+        raise ValueError(f"BERT checkpoint {path} holds no weight of {type(model).__name__}")
+    print(f"loaded {loaded} BERT weights from {path}; newly initialised: {len(result.missing_keys)}, "
+          f"unused: {len(result.unexpected_keys)}")
+    return result
 
-            # 4.15's BeamSearchScorer.process: walk the candidates best first; an [SEP] among the
-            # top num_beams becomes a finished hypothesis, the others fill the running beams
-            was_done = list(done)
-            chosen_rank = [[0] * num_beams for _ in range(batch_size)]
-            next_tokens = [[pad_id] * num_beams for _ in range(batch_size)]
-            next_rows = [[b * num_beams] * num_beams for b in range(batch_size)]
-            for b in range(batch_size):
-                if was_done[b]:
-                    continue  # finished item: keep padding
-                kept = 0
-                for rank, (beam, token) in enumerate(zip(top_beams[b], top_tokens[b])):
-                    row = b * num_beams + beam
-                    if token in eos_ids:
-                        if rank >= num_beams:
-                            continue
-                        hyps[b].add(input_ids[row].clone(), top_scores_list[b][rank])
-                    else:
-                        chosen_rank[b][kept] = rank
-                        next_tokens[b][kept] = token
-                        next_rows[b][kept] = row
-                        kept += 1
-                    if kept == num_beams:
-                        break
-                done[b] = done[b] or hyps[b].is_done(max(top_scores_list[b]), cur_len)
 
-            next_scores = top_scores.gather(1, torch.tensor(chosen_rank, device=device))
-            finished = torch.tensor(was_done, device=device)
-            next_scores = next_scores.masked_fill(finished[:, None], 0.0)
-            beam_scores = next_scores.view(-1)
-            beam_idx = torch.tensor(next_rows, device=device).view(-1)
-            tokens = torch.tensor(next_tokens, device=device, dtype=input_ids.dtype).view(-1, 1)
-            input_ids = torch.cat([input_ids[beam_idx], tokens], dim=-1)
-            cache = model_kwargs.get("past_key_values")
-            if cache is not None:
-                cache.reorder_cache(beam_idx)
-            cur_len += 1
-            if all(done) or cur_len >= max_length or bool(stop_criteria(input_ids, None).all()):
-                break
-            model_inputs = self.prepare_inputs_for_generation(input_ids, **model_kwargs)
-            outputs = self(**model_inputs, return_dict=True)
+def _bert_weight_file(checkpoint):
+    if os.path.isfile(checkpoint):
+        return checkpoint
+    if os.path.isdir(checkpoint):
+        for name in BERT_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(checkpoint, name)):
+                return os.path.join(checkpoint, name)
+        raise FileNotFoundError(f"BERT checkpoint folder {checkpoint} holds none of {list(BERT_WEIGHT_FILES)}")
+    if Path(checkpoint).is_absolute() or checkpoint.startswith('.') or checkpoint.count('/') > 1:
+        raise FileNotFoundError(f"BERT checkpoint {checkpoint}: no such file or folder")
+    return _hub_bert_weight_file(checkpoint)
 
-        # finalise: unfinished items compete with their running beams
-        for b in range(batch_size):
-            if done[b]:
-                continue
-            for j in range(num_beams):
-                row = b * num_beams + j
-                hyps[b].add(input_ids[row], beam_scores[row].item())
 
-        best, best_scores = [], []
-        for hyp in hyps:
-            ranked = sorted(hyp.beams, key=lambda x: x[0])
-            for _ in range(num_keep):
-                score, seq = ranked.pop()
-                best.append(seq)
-                best_scores.append(score)
-        lengths = [len(seq) for seq in best]
-        out_len = min(max(lengths) + 1, max_length)
-        sequences = torch.full((len(best), out_len), pad_id, dtype=input_ids.dtype, device=device)
-        for i, seq in enumerate(best):
-            sequences[i, :lengths[i]] = seq
-            if lengths[i] < max_length:
-                sequences[i, lengths[i]] = final_eos
+def _hub_bert_weight_file(name):
+    """A hub BERT's weight file: from huggingface_hub's cache when there, else downloaded once."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
 
-        if generation_config.return_dict_in_generate:
-            return GenerateBeamDecoderOnlyOutput(
-                sequences=sequences, sequences_scores=torch.tensor(best_scores, device=device),
-                past_key_values=model_kwargs.get("past_key_values"))
-        return sequences
+    for filename in BERT_WEIGHT_FILES:
+        try:
+            return hf_hub_download(name, filename, local_files_only=True)
+        except Exception:  # not cached (or an incomplete cache): try the hub below
+            pass
+    not_in_repository = getattr(hub_errors, 'RemoteEntryNotFoundError', hub_errors.EntryNotFoundError)
+    problems = []
+    for filename in BERT_WEIGHT_FILES:
+        try:
+            return hf_hub_download(name, filename)
+        except not_in_repository as error:  # the repository has the other file format
+            problems.append(f"{filename}: {type(error).__name__}")
+        except Exception as error:  # offline or no such repository: no point trying another file
+            problems.append(f"{filename}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            break
+    raise FileNotFoundError(
+        f"BERT checkpoint {name!r} is not a local file or folder and could not be fetched from the model hub "
+        f"({'; '.join(problems)}). Download it once where the hub is reachable, pass its local folder, or "
+        f"set bert_checkpoint to null for a random text initialisation.")

@@ -12,7 +12,6 @@ both branches.
 """
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from models import med
 from models.med import BertConfig  # noqa: F401  (re-exported, as the original module did)
@@ -35,7 +34,7 @@ class BertSelfOutput(nn.Module):
             self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.merge = merge
         if merge:
-            self.act = ACT2FN[config.hidden_act]  # built but unused, as in the original
+            self.act = med.activation(config.hidden_act)  # built but unused, as in the original
             self.merge_layer = nn.Linear(config.hidden_size * 2, config.hidden_size)
 
     def forward(self, hidden_states, input_tensor):
@@ -67,9 +66,9 @@ class BertAttention(nn.Module):
                                      merge=is_cross_attention and layer_num >= MERGE_FROM_LAYER)
 
     def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None, past_key_values=None, output_attentions=False, cross_kv=None):
+                encoder_attention_mask=None, kv_cache=None, output_attentions=False, cross_kv=None):
         if not self.is_cross_attention:
-            context, probs = self.self(hidden_states, attention_mask, head_mask, past_key_values=past_key_values,
+            context, probs = self.self(hidden_states, attention_mask, head_mask, kv_cache=kv_cache,
                                        output_attentions=output_attentions)
             return self.output(context, hidden_states), probs
 

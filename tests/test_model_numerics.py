@@ -1,13 +1,12 @@
 """Things beyond the original that must not change its numbers: shared cross-attention keys and
-values, the generation cache, activation checkpointing, the explicit attention path used for
-attention maps, bf16 autocast."""
+values, activation checkpointing, the explicit attention path used for attention maps, bf16
+autocast, 4.15's beam scoring (the generation cache and sampling: test_generation.py)."""
 import pytest
 import torch
 
 from model_builders import assert_close, build_model, load_fixture
 from models import med, vit
 from models.blip import BLIP_Base, BLIP_Decoder
-from models.med import BertSelfAttention
 
 
 @pytest.fixture(scope="module")
@@ -112,77 +111,6 @@ def test_reduction_none_is_the_originals_per_sequence_loss(decoder):
     assert_close(per_sequence, expected, what="per-sequence loss")
 
 
-# ----------------------------------------------------------------------------- generation cache
-
-def _count_cross_projections(monkeypatch):
-    calls = []
-    original = BertSelfAttention.project_kv
-
-    def counting(self, states):
-        if self.is_cross_attention:
-            calls.append(states.shape[0])
-        return original(self, states)
-
-    monkeypatch.setattr(BertSelfAttention, "project_kv", counting)
-    return calls
-
-
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_projects_image_once_and_matches_uncached(decoder, monkeypatch, num_beams):
-    model, inputs = decoder
-    images = inputs["images"]
-    calls = _count_cross_projections(monkeypatch)
-    captions = model.generate(images, num_beams=num_beams, max_length=20, min_length=5)
-    layers = model.text_decoder.config.num_hidden_layers
-    assert calls == [len(images) * num_beams] * layers  # once per layer for the whole generation
-
-    with torch.no_grad():
-        image_embeds = model.visual_encoder(images)
-    prompt = model.tokenizer([model.prompt] * len(images), return_tensors="pt").input_ids[:, :-1]
-    prompt[:, 0] = model.tokenizer.bos_token_id
-    kwargs = dict(max_length=20, min_length=5, num_beams=num_beams, eos_token_id=102, pad_token_id=0)
-    cached = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, **kwargs)
-    uncached = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
-    # transformers 4.x callers repeated the image per beam themselves: accepted, same result
-    repeated = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds.repeat_interleave(num_beams, 0),
-                                           **kwargs)
-    assert torch.equal(cached, repeated)
-    decoded = [model.tokenizer.decode(ids, skip_special_tokens=True)[len(model.prompt):] for ids in cached]
-    assert decoded == captions
-
-
-def test_generate_rejects_mismatched_image_batch(decoder):
-    model, inputs = decoder
-    with torch.no_grad():
-        image_embeds = model.visual_encoder(inputs["images"])
-    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 2)
-    with pytest.raises(ValueError, match="rows"):
-        model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, max_length=8, num_beams=1)
-
-
-def test_nucleus_sampling(decoder):
-    model, inputs = decoder
-    torch.manual_seed(7)
-    first = model.generate(inputs["images"], sample=True, max_length=15, min_length=5)
-    torch.manual_seed(7)
-    second = model.generate(inputs["images"], sample=True, max_length=15, min_length=5)
-    assert first == second and len(first) == len(inputs["images"])
-    assert all(isinstance(caption, str) and caption for caption in first)
-
-
-def test_beam_search_returns_several_sequences(decoder):
-    model, inputs = decoder
-    with torch.no_grad():
-        image_embeds = model.visual_encoder(inputs["images"][:2])
-    prompt = torch.tensor([[30522, 1037, 3861, 1997]] * 2)
-    out = model.text_decoder.generate(prompt, encoder_hidden_states=image_embeds, max_length=12, min_length=3,
-                                      num_beams=3, num_return_sequences=2, eos_token_id=102, pad_token_id=0,
-                                      return_dict_in_generate=True)
-    assert out.sequences.shape[0] == 4 and out.sequences_scores.shape == (4,)
-    assert (out.sequences_scores[0::2] >= out.sequences_scores[1::2]).all()  # best first per image
-
-
 # ----------------------------------------------------------------------------- checkpointing
 
 def _vit_grads(model, images):
@@ -237,7 +165,7 @@ def test_text_activation_checkpointing_same_gradients(base, monkeypatch):
     calls = []
     original = med.checkpoint
     monkeypatch.setattr(med, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
-    encoder.activation_checkpointing_enable()  # transformers' switch sets encoder.gradient_checkpointing
+    encoder.set_grad_checkpointing()  # timm's name for the switch; it sets encoder.gradient_checkpointing
     assert encoder.encoder.gradient_checkpointing
     got = _text_grads(encoder, base, text.input_ids, text.attention_mask, image_embeds, seed=5)
     assert len(calls) == encoder.config.num_hidden_layers

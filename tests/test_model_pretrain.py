@@ -158,6 +158,69 @@ def test_bert_and_vit_initialisation_sources(tmp_path, state_dict):
     torch.testing.assert_close(model.visual_encoder_m.pos_embed, model.visual_encoder.pos_embed)  # copies
 
 
+def test_bert_weights_from_safetensors_and_the_lm_model_and_bad_shapes(tmp_path):
+    """load_bert_weights: a model.safetensors folder, a bare BertModel state into the LM model
+    (prefix added), and a checkpoint of another size refused with the key named."""
+    from safetensors.torch import save_file
+
+    from models.med import BertLMHeadModel, load_bert_weights
+
+    config = load_med_config(constructor_kwargs(TASK)["med_config"], 32)
+    torch.manual_seed(2)
+    source = BertModel(config, add_pooling_layer=False)
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, folder / "model.safetensors")
+    target = BertLMHeadModel(config)
+    load_bert_weights(target, folder)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.bert.state_dict()[key], value, msg=key)
+
+    wider = load_med_config({**config.to_dict(), "hidden_size": 64, "intermediate_size": 128}, 32)
+    with pytest.raises(ValueError, match=r"embeddings\.\S+ has shape \(\S+\), the model \(\S*64"):
+        load_bert_weights(BertModel(wider, add_pooling_layer=False), folder)
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        load_bert_weights(source, tmp_path)
+
+
+def test_bert_hub_name_from_the_cache_offline_and_a_clear_error_when_missing(tmp_path, repo_root):
+    """A hub name ('bert-base-uncased') resolves from huggingface_hub's cache without the network;
+    a name that is not cached fails at once with a message that names it and the way out."""
+    import os
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--tiny-bert" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--tiny-bert" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-bert" / "refs" / "main").write_text("0" * 40)
+    config = load_med_config(constructor_kwargs(TASK)["med_config"], 32)
+    torch.manual_seed(4)
+    source = BertModel(config, add_pooling_layer=False)
+    torch.save({"bert." + k: v for k, v in source.state_dict().items()}, snapshot / "pytorch_model.bin")
+    torch.save(source.state_dict(), tmp_path / "expected.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    script = f"""
+import torch
+from models.med import BertConfig, BertModel, load_bert_weights
+model = BertModel(BertConfig.from_json_file({str(tmp_path / "config.json")!r}), add_pooling_layer=False)
+load_bert_weights(model, 'tiny-bert')
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+try:
+    load_bert_weights(model, 'no-such-bert')
+except FileNotFoundError as error:
+    print('ERROR:', error)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "loaded" in result.stdout
+    error = result.stdout.split("ERROR:", 1)[1]
+    assert "'no-such-bert'" in error and "bert_checkpoint to null" in error
+
+
 def test_default_is_offline_and_vit_checkpoint_can_be_skipped():
     kwargs = constructor_kwargs(TASK)
     # a custom ViT mapping has no ImageNet default: nothing is downloaded

@@ -80,7 +80,7 @@ def reference_scores(model, question_states, question_atts, answer_ids, answer_a
     CrossEntropyLoss(reduction='none', label_smoothing=0.1) as torch 1.10 computed it."""
     num_ques = question_states.size(0)
     start = model.text_decoder(answer_ids[0, 0].repeat(num_ques, 1), encoder_hidden_states=question_states,
-                               encoder_attention_mask=question_atts, return_dict=True, use_cache=False)
+                               encoder_attention_mask=question_atts, return_dict=True)
     probs = F.softmax(start.logits[:, 0, :], dim=1).index_select(1, answer_ids[:, 1])
     _, topk_ids = probs.topk(k, dim=1)
     input_ids = torch.cat([answer_ids.index_select(0, row) for row in topk_ids])
@@ -89,7 +89,7 @@ def reference_scores(model, question_states, question_atts, answer_ids, answer_a
     logits = model.text_decoder(input_ids, attention_mask=input_atts,
                                 encoder_hidden_states=question_states.repeat_interleave(k, 0),
                                 encoder_attention_mask=question_atts.repeat_interleave(k, 0),
-                                return_dict=True, use_cache=False).logits
+                                return_dict=True).logits
     shifted, labels = logits[:, :-1, :].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1)
     log_probs = shifted.log_softmax(-1)
     nll = F.nll_loss(log_probs, labels, reduction="none")  # 0 where ignored
