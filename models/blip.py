@@ -109,15 +109,16 @@ class BLIP_Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, image, sample=False, num_beams=3, max_length=30, min_length=10, top_p=0.9,
-                 repetition_penalty=1.0):
+                 repetition_penalty=1.0, num_captions=1):
         """Captions for a batch of images: beam search (`sample=False`; `num_beams=1` is greedy)
         or nucleus sampling. Lengths count tokens including [DEC] and the prompt.
+        `num_captions` per image (samples, or the best beams), image by image.
 
         As in the original, sampling always uses repetition penalty 1.1 (and top-k 50, the
         transformers 4.15 default it ran with); `repetition_penalty` applies to beam search.
         """
         image_embeds = self.visual_encoder(image)
-        # one row per image: generate() repeats the image for every beam itself
+        # one row per image: its beams (or samples) share the image's keys/values
         image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
         model_kwargs = {"encoder_hidden_states": image_embeds, "encoder_attention_mask": image_atts}
 
@@ -130,9 +131,11 @@ class BLIP_Decoder(nn.Module):
                       pad_token_id=self.tokenizer.pad_token_id, **model_kwargs)
         if sample:
             outputs = self.text_decoder.generate(input_ids=input_ids, do_sample=True, top_p=top_p, top_k=50,
-                                                 num_return_sequences=1, repetition_penalty=1.1, **common)
+                                                 num_return_sequences=num_captions, repetition_penalty=1.1,
+                                                 **common)
         else:
             outputs = self.text_decoder.generate(input_ids=input_ids, num_beams=num_beams, do_sample=False,
+                                                 num_return_sequences=num_captions,
                                                  repetition_penalty=repetition_penalty, **common)
 
         captions = []

@@ -1,0 +1,296 @@
+"""BLIP on your own images, without writing Python: one command per job, JSON lines out.
+
+    python predict.py caption --model caption_base photos/
+    python predict.py vqa --model vqa_base --question "what is the man holding?" photo.jpg
+    python predict.py match --model itm_base --text "a dog on a beach" photos/*.jpg
+    python predict.py models                      # the zoo: every official checkpoint by name
+
+--model is a zoo name (downloaded once) or a checkpoint (.pth, local or URL) with --config, a
+task config holding its model keys (vit, image_size, med_config, embed_dim, prompt), e.g.
+configs/shapes/caption_coco.yaml. INPUTS are image files, folders (recursively), globs, http(s)
+URLs, or a .txt list (one per line) / .jsonl list of {"image": ...} objects. Output: one JSON
+line per result on stdout, or appended to --out FILE.jsonl|.csv, where a rerun skips what is
+already there. An image that cannot be read is reported on stderr and skipped; the exit status
+is then 1.
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data.user_inputs import ImageReadError, InputError, collect_inputs, is_url, read_image
+from models import zoo
+from utils import ConfigError, load_config
+
+CAPTION_DEFAULTS = dict(num_beams=3, max_length=20, min_length=5)  # configs/caption_coco.yaml
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+def caption(model, images, records, args):
+    captions = model.generate(images, sample=args.sample, num_beams=args.beams, max_length=args.max_length,
+                              min_length=args.min_length, top_p=args.top_p, num_captions=args.num_captions)
+    results = []
+    for i, record in enumerate(records):
+        options = captions[i * args.num_captions:(i + 1) * args.num_captions]
+        result = {'image': record['image'], 'caption': options[0]}
+        if args.num_captions > 1:
+            result['captions'] = options
+        results.append(result)
+    return results
+
+
+def vqa(model, images, records, args):
+    questions = [record['question'] for record in records]
+    if args.answer_list is None:
+        answers = model(images, questions, train=False, inference='generate')
+    else:
+        ids = model(images, questions, args.answer_list, train=False, inference='rank', k_test=args.k_test)
+        answers = [args.answer_list[i] for i in ids.tolist()]
+    return [{'image': r['image'], 'question': r['question'], 'answer': a} for r, a in zip(records, answers)]
+
+
+def match(model, images, records, args):
+    texts = [record['text'] for record in records]
+    itm = F.softmax(model(images, texts, match_head='itm').float(), dim=1)[:, 1]
+    itc = model(images, texts, match_head='itc').float().diagonal()
+    return [{'image': r['image'], 'text': r['text'], 'itm': round(float(p), 6), 'itc': round(float(s), 6)}
+            for r, p, s in zip(records, itm, itc)]
+
+
+TASKS = {
+    # name: (function, model kind of models.zoo, the fields an input record carries besides 'image')
+    'caption': (caption, 'caption', ()),
+    'vqa': (vqa, 'vqa', ('question',)),
+    'match': (match, 'itm', ('text',)),
+}
+
+
+# ----------------------------------------------------------------------------- output
+
+class ResultWriter:
+    """JSON lines (or CSV rows) to stdout or to a file that a rerun continues: results already
+    in the file are skipped; each batch is flushed, so a kill loses at most the batch at hand."""
+
+    def __init__(self, path, key_fields):
+        self.path, self.key_fields = path, key_fields
+        self.done = set()
+        self.stream, self.csv = sys.stdout, None
+        if path is None:
+            return
+        self.is_csv = path.lower().endswith('.csv')
+        if os.path.exists(path):
+            self._read_finished()
+        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.stream = open(path, 'a', encoding='utf-8', newline='')
+        self.new_csv_file = new_file
+
+    def _read_finished(self):
+        with open(self.path, 'rb') as f:
+            data = f.read()
+        if data and not data.endswith(b'\n'):  # a line cut short by a kill: drop it
+            data = data[:data.rfind(b'\n') + 1]
+            with open(self.path, 'wb') as f:
+                f.write(data)
+        text = data.decode('utf-8')
+        rows = csv.DictReader(text.splitlines()) if self.is_csv else (json.loads(l) for l in text.splitlines() if l)
+        for row in rows:
+            self.done.add(self.key(row))
+
+    def key(self, record):
+        return tuple(str(record.get(name)) for name in self.key_fields)
+
+    def write(self, results):
+        for result in results:
+            if self.path is not None and self.is_csv:
+                if self.csv is None:
+                    self.csv = csv.DictWriter(self.stream, fieldnames=list(result), extrasaction='ignore')
+                    if self.new_csv_file:
+                        self.csv.writeheader()
+                row = {k: json.dumps(v) if isinstance(v, list) else v for k, v in result.items()}
+                self.csv.writerow(row)
+            else:
+                self.stream.write(json.dumps(result, ensure_ascii=False) + '\n')
+        self.stream.flush()
+
+    def close(self):
+        if self.stream is not sys.stdout:
+            self.stream.close()
+
+
+def write_sidecars(results):
+    """image.jpg -> image.txt holding the caption (the text-to-image training-set convention)."""
+    for result in results:
+        if not is_url(result['image']):
+            with open(os.path.splitext(result['image'])[0] + '.txt', 'w', encoding='utf-8') as f:
+                f.write(result['caption'] + '\n')
+
+
+class Progress:
+    """'done/total, ETA' on stderr, for more than a few inputs."""
+
+    def __init__(self, total, enabled=True):
+        self.total, self.done, self.start = total, 0, time.time()
+        self.enabled = enabled and total > 8
+
+    def update(self, n):
+        self.done += n
+        if self.enabled:
+            elapsed = time.time() - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0
+            print(f"\r{self.done}/{self.total} inputs, {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+                  end='\n' if self.done >= self.total else '', file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def records_for(args, fields):
+    """Input records with the task's text fields filled from the command line or the lists."""
+    records = collect_inputs(args.inputs, fields=[f for f in fields if getattr(args, f, None) is None])
+    for field in fields:
+        value = getattr(args, field, None)
+        for record in records:
+            if value is not None:
+                record.setdefault(field, value)
+            elif field not in record:
+                raise InputError(f"{args.task} needs --{field} TEXT, or .jsonl inputs whose lines carry "
+                                 f"\"{field}\" (no {field} for {record['image']})")
+    return records
+
+
+def run(args):
+    function, kind, fields = TASKS[args.task]
+    config = load_config(args.config) if args.config else {}
+    if args.task == 'caption':  # generation settings: the command line, else the config, else caption_coco.yaml
+        for key, name in (('num_beams', 'beams'), ('max_length', 'max_length'), ('min_length', 'min_length')):
+            if getattr(args, name) is None:
+                setattr(args, name, config.get(key, CAPTION_DEFAULTS[key]))
+        if args.prompt is not None:
+            config['prompt'] = args.prompt
+    if args.task == 'vqa':
+        args.answer_list = load_answer_list(args.answers) if args.answers else None
+
+    records = records_for(args, fields)
+    writer = ResultWriter(args.out, ('image',) + fields)
+    todo = [r for r in records if writer.key(r) not in writer.done]
+    if not todo:
+        print(f"nothing to do: {len(records)} inputs, all in {args.out}" if records else "no inputs found",
+              file=sys.stderr)
+        writer.close()
+        return 0 if records else 1
+
+    device = torch.device(args.device)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only results
+        model, transform = zoo.load_model(args.model, kind, config=config, device=device)
+    torch.manual_seed(args.seed)  # nucleus sampling gives the same captions on every run
+    failed = 0
+    progress = Progress(len(todo), enabled=not args.quiet)
+    for start in range(0, len(todo), args.batch_size):
+        batch, tensors = [], []
+        for record in todo[start:start + args.batch_size]:
+            try:
+                tensors.append(transform(read_image(record['image'])))
+                batch.append(record)
+            except ImageReadError as error:
+                failed += 1
+                print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
+        if batch:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+                results = function(model, torch.stack(tensors).to(device), batch, args)
+            writer.write(results)
+            if getattr(args, 'sidecar', False):
+                write_sidecars(results)
+        progress.update(len(todo[start:start + args.batch_size]))
+    writer.close()
+    print(f"{len(todo) - failed} done, {failed} failed, {len(records) - len(todo)} already in {args.out}"
+          if args.out else f"{len(todo) - failed} done, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def load_answer_list(path):
+    """A JSON list of answer strings (as the VQA answer_list.json) or a text file, one per line."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    answers = json.loads(text) if path.endswith('.json') else [line.strip() for line in text.splitlines()]
+    answers = [a for a in answers if isinstance(a, str) and a.strip()]
+    if not answers:
+        raise InputError(f"answer list {path} holds no answers")
+    return answers
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = parser.add_subparsers(dest='task', required=True)
+    tasks.add_parser('models', help='list the model zoo')
+
+    def task_parser(name, help_text):
+        p = tasks.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument('inputs', nargs='+', help='image files, folders, globs, URLs, .txt or .jsonl lists')
+        p.add_argument('--model', required=True, help='zoo name (see `predict.py models`) or checkpoint')
+        p.add_argument('--config', help='task config with the model keys (needed for a checkpoint file)')
+        p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        p.add_argument('--amp', choices=('none', 'bf16'), default='none')
+        p.add_argument('--batch_size', type=int, default=8)
+        p.add_argument('--out', help='append results to FILE.jsonl or FILE.csv; a rerun skips finished inputs')
+        p.add_argument('--seed', type=int, default=0, help='random seed (for --sample)')
+        p.add_argument('--quiet', action='store_true', help='no progress line')
+        return p
+
+    p = task_parser('caption', 'caption images (beam search, or nucleus sampling with --sample)')
+    p.add_argument('--beams', type=int, default=None, help='beams (default: the config, else 3)')
+    p.add_argument('--sample', action='store_true', help='nucleus sampling instead of beam search')
+    p.add_argument('--top_p', type=float, default=0.9)
+    p.add_argument('--min_length', type=int, default=None, help='tokens, [DEC] and prompt included (default 5)')
+    p.add_argument('--max_length', type=int, default=None, help='tokens, [DEC] and prompt included (default 20)')
+    p.add_argument('--prompt', default=None, help="caption prefix (default: the config's, else 'a picture of ')")
+    p.add_argument('--num_captions', type=int, default=1, help='captions per image (samples, or the best beams)')
+    p.add_argument('--sidecar', action='store_true', help='also write image.txt next to each image')
+
+    p = task_parser('vqa', 'answer a question about each image')
+    p.add_argument('--question', help='the question (or give .jsonl inputs with "question")')
+    p.add_argument('--answers', help="rank this answer list (.json list or .txt) instead of generating")
+    p.add_argument('--k_test', type=int, default=128, help='candidates re-ranked with --answers')
+
+    p = task_parser('match', 'image-text matching: ITM p(match) and ITC cosine')
+    p.add_argument('--text', help='the text (or give .jsonl inputs with "text")')
+
+    args = parser.parse_args(argv)
+    if args.task != 'models':
+        _check(parser, args)
+    return args
+
+
+def _check(parser, args):
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.task == 'caption':
+        if args.num_captions < 1:
+            parser.error(f"--num_captions must be >= 1, got {args.num_captions}")
+        if args.beams is not None and args.beams < 1:
+            parser.error(f"--beams must be >= 1, got {args.beams}")
+        if not 0 < args.top_p <= 1:
+            parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.task == 'vqa' and args.k_test < 1:
+        parser.error(f"--k_test must be >= 1, got {args.k_test}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.task == 'models':
+        print(zoo.describe())
+        return 0
+    try:
+        return run(args)
+    except (InputError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"predict.py {args.task}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
