@@ -151,11 +151,10 @@ def is_url(value):
 def _cached_download(url):
     # where models.blip.download_cached_file keeps the URL's file (None if unknown)
     try:
-        from models.blip import checkpoint_cache_dir
+        from models.blip import cached_checkpoint_path
     except ImportError:
         return None
-    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
-    return os.path.join(checkpoint_cache_dir(), name)
+    return cached_checkpoint_path(url)
 
 
 def check_url(url, what, timeout=20):
@@ -508,7 +507,14 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
         return TrainState()
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        checkpoint = utils.load_checkpoint_file(path)
+    except utils.CheckpointError as error:
+        if args.resume:
+            raise
+        raise utils.CheckpointError(f"cannot resume from the output folder's last checkpoint: {error}. To start "
+                                    f"this run afresh in the same folder, pass --no_auto_resume (the file is "
+                                    f"then overwritten at the end of the first epoch)") from error
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
         raise ValueError(f"--resume: {path} is not a training checkpoint (no 'model' entry); "
                          f"to start from its weights, set pretrained={path}")

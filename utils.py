@@ -15,9 +15,11 @@ import copy
 import datetime
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
+import zipfile
 from collections import defaultdict, deque
 from pathlib import Path
 
@@ -399,6 +401,64 @@ def save_on_master(obj, path):
     """save_checkpoint on the main process only."""
     if is_main_process():
         save_checkpoint(obj, path)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and says why."""
+
+
+def unsafe_load_allowed(allow_unsafe=None):
+    """Whether a checkpoint needing full unpickling may be loaded: `allow_unsafe`, else the
+    environment variable BLIP_UNSAFE_LOAD=1."""
+    if allow_unsafe is not None:
+        return bool(allow_unsafe)
+    return os.environ.get('BLIP_UNSAFE_LOAD', '').lower() in ('1', 'true', 'yes')
+
+
+def check_checkpoint_file(path, source=None):
+    """CheckpointError unless `path` looks like a whole torch.save file: a zip archive with its
+    directory (torch >= 1.6) or a legacy pickle. `source` (e.g. the URL it came from) is named
+    in the message instead of the path."""
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    size = os.path.getsize(path)
+    name = source or path
+    if not head.startswith((b'PK\x03\x04', b'\x80')):
+        if not head:
+            kind = 'an empty file'
+        elif head.lstrip()[:15].lower().startswith((b'<!doctype', b'<html', b'<?xml')):
+            kind = 'an HTML/XML page (a server error or login page?)'
+        else:
+            kind = f'a file starting with {head[:24]!r}'
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint: it is {kind} ({size} bytes)")
+    if head.startswith(b'PK') and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{name} is truncated or corrupt ({size} bytes, its zip directory is missing): "
+                              f"an interrupted copy or download?")
+
+
+def load_checkpoint_file(path, allow_unsafe=None):
+    """torch.load a checkpoint onto the CPU with `weights_only=True`, or CheckpointError saying
+    what is wrong with the file: not a checkpoint (an HTML error page, text, an empty file),
+    truncated (an interrupted copy or download), or holding Python objects whose unpickling
+    would run code from the file (then loaded only with the opt-in of `unsafe_load_allowed`)."""
+    check_checkpoint_file(path)
+    size = os.path.getsize(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not unsafe_load_allowed(allow_unsafe):
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if 'WeightsUnpickler error' in line),
+                          lines[0] if lines else type(error).__name__).split('. Please use')[0]
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses to "
+                f"unpickle ({reason}). Loading it runs arbitrary code from the file. If you trust it, opt in "
+                f"with the environment variable BLIP_UNSAFE_LOAD=1 or load_checkpoint(..., allow_unsafe=True)."
+            ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): {first}") from error
+    return torch.load(path, map_location='cpu', weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------

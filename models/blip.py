@@ -7,8 +7,8 @@
 Same classes, arguments and state-dict keys as the original `models/blip.py`; checkpoint
 loading is stricter about what it unpickles and says what it skipped.
 """
+import hashlib
 import os
-import pickle
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -19,6 +19,7 @@ from transformers import BertTokenizer
 
 from models.med import BertConfig, BertLMHeadModel, BertModel
 from models.vit import VisionTransformer, interpolate_pos_embed
+from utils import CheckpointError, check_checkpoint_file, load_checkpoint_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BERT_VOCAB = Path(__file__).resolve().parent / 'bert-base-uncased' / 'vocab.txt'
@@ -264,23 +265,34 @@ def checkpoint_cache_dir():
     return os.environ.get('BLIP_CACHE') or os.path.join(torch.hub.get_dir(), 'checkpoints')
 
 
-def download_cached_file(url, cache_dir=None, progress=True):
-    """Download `url` once into the cache folder (named after the URL's file name); later calls
-    return the cached path without touching the network."""
-    cache_dir = cache_dir or checkpoint_cache_dir()
-    filename = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
-    cached = os.path.join(cache_dir, filename)
+def cached_checkpoint_path(url, cache_dir=None):
+    """Where download_cached_file keeps `url`: its file name plus a hash of the whole URL, so two
+    URLs that end in the same name (two runs' checkpoint_best.pth) never share a cached file."""
+    name = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
+    stem, suffix = os.path.splitext(name)
+    digest = hashlib.sha256(url.encode('utf-8')).hexdigest()[:12]
+    return os.path.join(cache_dir or checkpoint_cache_dir(), f'{stem}-{digest}{suffix}')
+
+
+def download_cached_file(url, cache_dir=None, progress=True, verify=True):
+    """Download `url` once into the cache folder; later calls return the cached path without
+    touching the network. With `verify`, what arrived must be a whole PyTorch checkpoint (not an
+    HTML error page, not cut short) before it is cached; otherwise CheckpointError, and nothing
+    is kept."""
+    cached = cached_checkpoint_path(url, cache_dir)
     if not os.path.isfile(cached):
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
         print(f'downloading {url} to {cached}')
-        torch.hub.download_url_to_file(url, cached, progress=progress)  # temp file + rename: atomic
+        partial = f'{cached}.{os.getpid()}.download'
+        try:
+            torch.hub.download_url_to_file(url, partial, progress=progress)
+            if verify:
+                check_checkpoint_file(partial, source=f'{url} (downloaded)')
+            os.replace(partial, cached)  # only a verified, complete file gets the cached name
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return cached
-
-
-def _unsafe_load_allowed(allow_unsafe):
-    if allow_unsafe is not None:
-        return bool(allow_unsafe)
-    return os.environ.get('BLIP_UNSAFE_LOAD', '').lower() in ('1', 'true', 'yes')
 
 
 def read_checkpoint(url_or_filename, allow_unsafe=None):
@@ -288,7 +300,8 @@ def read_checkpoint(url_or_filename, allow_unsafe=None):
     file itself when it is a bare state dict).
 
     Files are read with `torch.load(weights_only=True)`; one that needs arbitrary unpickling is
-    refused unless `allow_unsafe=True` or the environment has BLIP_UNSAFE_LOAD=1.
+    refused unless `allow_unsafe=True` or the environment has BLIP_UNSAFE_LOAD=1. A file that
+    is not a checkpoint, or is truncated, gets a CheckpointError naming it.
     """
     if is_url(url_or_filename):
         path = download_cached_file(url_or_filename)
@@ -297,23 +310,10 @@ def read_checkpoint(url_or_filename, allow_unsafe=None):
     else:
         raise RuntimeError(f'checkpoint url or path is invalid: {url_or_filename}')
 
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not _unsafe_load_allowed(allow_unsafe):
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            reason = next((line for line in lines if 'WeightsUnpickler error' in line),
-                          lines[0] if lines else type(error).__name__).split('. Please use')[0]
-            raise RuntimeError(
-                f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses to "
-                f"unpickle ({reason}). Loading it runs arbitrary code from the file. If you trust it, opt in "
-                f"with the environment variable BLIP_UNSAFE_LOAD=1 or load_checkpoint(..., allow_unsafe=True)."
-            ) from error
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-
+    checkpoint = load_checkpoint_file(path, allow_unsafe=allow_unsafe)
     state_dict = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise RuntimeError(f"checkpoint {path} is neither {{'model': state_dict}} nor a state dict of tensors")
+        raise CheckpointError(f"checkpoint {path} is neither {{'model': state_dict}} nor a state dict of tensors")
     return dict(state_dict)
 
 

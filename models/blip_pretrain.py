@@ -208,7 +208,7 @@ def load_vit_weights(visual_encoder, url_or_filename):
         return None
     name = str(url_or_filename)
     if name.endswith('.npz'):
-        return _load_jax_vit_weights(visual_encoder, download_cached_file(name) if is_url(name) else name)
+        return _load_jax_vit_weights(visual_encoder, download_cached_file(name, verify=False) if is_url(name) else name)
     state_dict = read_checkpoint(name)
     if 'pos_embed' in state_dict:
         state_dict['pos_embed'] = interpolate_pos_embed(state_dict['pos_embed'], visual_encoder)

@@ -291,8 +291,9 @@ def test_checkpoint_urls_are_checked_before_any_work(tmp_path, monkeypatch, http
     with pytest.raises(FileNotFoundError, match='cannot be reached'):
         engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
     # already downloaded: no request at all
+    from models.blip import cached_checkpoint_path
     (tmp_path / 'cache').mkdir()
-    (tmp_path / 'cache' / 'model_base.pth').write_bytes(b'')
+    open(cached_checkpoint_path(unreachable), 'wb').close()
     engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
 
 
@@ -386,6 +387,29 @@ def test_resume_from_the_original_checkpoint_format(tmp_path):
     torch.save(model.state_dict(), tmp_path / 'bare.pth')
     with pytest.raises(ValueError, match='not a training checkpoint.*pretrained='):
         engine.resume(Namespace(**{**vars(args), 'resume': str(tmp_path / 'bare.pth')}), fresh, fresh_optimizer)
+
+
+def test_a_truncated_or_unsafe_resume_checkpoint_gets_a_clear_error(tmp_path, monkeypatch):
+    model = toy.ToyModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, dict(engine.ENGINE_DEFAULTS), 0,
+                                engine.TrainState())
+    last = tmp_path / engine.LAST_CHECKPOINT
+    last.write_bytes(last.read_bytes()[:-200])  # killed while copying the output folder
+    args = Namespace(resume='', evaluate=False, no_auto_resume=False, output_dir=str(tmp_path))
+    with pytest.raises(utils.CheckpointError) as error:
+        engine.resume(args, toy.ToyModel(), optimizer)
+    message = str(error.value)
+    assert str(last) in message and 'truncated or corrupt' in message and '--no_auto_resume' in message
+    with pytest.raises(utils.CheckpointError, match='truncated or corrupt') as error:
+        engine.resume(Namespace(**{**vars(args), 'resume': str(last)}), toy.ToyModel(), optimizer)
+    assert '--no_auto_resume' not in str(error.value)  # asked for by name: nothing to fall back on
+
+    unsafe = tmp_path / 'unsafe.pth'
+    torch.save({'model': model.state_dict(), 'args': Namespace(lr=1)}, unsafe)
+    monkeypatch.delenv('BLIP_UNSAFE_LOAD', raising=False)
+    with pytest.raises(utils.CheckpointError, match='BLIP_UNSAFE_LOAD=1'):
+        engine.resume(Namespace(**{**vars(args), 'resume': str(unsafe)}), toy.ToyModel(), optimizer)
 
 
 def test_no_resume_when_evaluating_or_disabled(tmp_path):

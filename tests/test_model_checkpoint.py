@@ -3,6 +3,7 @@ embedding resize, shape-mismatch drop, NLVR2 branch mapping) and the offline tok
 import argparse
 import functools
 import http.server
+import os
 import threading
 
 import pytest
@@ -155,12 +156,56 @@ def test_url_downloaded_once_into_cache(http_root, tmp_path, caption_state, monk
     model, msg = load_checkpoint(tiny_decoder(), url)
     assert not msg.missing_keys and not msg.unexpected_keys
     assert_loaded(model, caption_state)
-    assert (cache / "model_base_caption.pth").is_file()
+    assert os.path.isfile(blip.cached_checkpoint_path(url)) and os.path.dirname(blip.cached_checkpoint_path(url)) == str(cache)
     assert _CountingHandler.requests == ["/model_base_caption.pth"]
 
     model = blip_decoder(pretrained=url, **constructor_kwargs("caption"))  # second time: from the cache
     assert_loaded(model, caption_state)
     assert len(_CountingHandler.requests) == 1
+
+
+def test_two_urls_with_one_file_name_never_share_a_cached_file(http_root, tmp_path, caption_state, monkeypatch):
+    root, base_url = http_root
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in caption_state.items()}
+    for run, state in (("run1", caption_state), ("run2", other)):
+        (root / run).mkdir()
+        torch.save({"model": state}, root / run / "checkpoint_best.pth")
+    monkeypatch.setenv("BLIP_CACHE", str(tmp_path / "cache"))
+    first = load_checkpoint(tiny_decoder(), f"{base_url}/run1/checkpoint_best.pth")[0]
+    second = load_checkpoint(tiny_decoder(), f"{base_url}/run2/checkpoint_best.pth")[0]
+    assert_loaded(first, caption_state)
+    assert_loaded(second, other)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_url_serving_an_html_page_is_refused_and_not_cached(http_root, tmp_path, monkeypatch):
+    root, base_url = http_root
+    (root / "model_base.pth").write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
+    monkeypatch.setenv("BLIP_CACHE", str(tmp_path / "cache"))
+    url = f"{base_url}/model_base.pth"
+    with pytest.raises(blip.CheckpointError, match=r"model_base\.pth \(downloaded\) is not a PyTorch checkpoint: "
+                                                   r"it is an HTML/XML page"):
+        load_checkpoint(tiny_decoder(), url)
+    assert not os.path.exists(blip.cached_checkpoint_path(url))
+    assert not list((tmp_path / "cache").iterdir())  # no partial file left either
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is not a PyTorch checkpoint: it is an empty file"),
+    (b"epoch 3 loss 0.52\n", "is not a PyTorch checkpoint: it is a file starting with b'epoch 3"),
+    (b"<html><body>404</body></html>", "is not a PyTorch checkpoint: it is an HTML/XML page"),
+    ("truncated", "is truncated or corrupt"),
+])
+def test_files_that_are_not_whole_checkpoints_get_clear_errors(tmp_path, caption_state, content, message):
+    path = tmp_path / "model.pth"
+    if content == "truncated":
+        torch.save({"model": caption_state}, path)
+        path.write_bytes(path.read_bytes()[:5000])  # an interrupted copy
+    else:
+        path.write_bytes(content)
+    with pytest.raises(blip.CheckpointError) as error:
+        load_checkpoint(tiny_decoder(), str(path))
+    assert str(path) in str(error.value) and message in str(error.value)
 
 
 def test_nlvr_loader_maps_cross_attention_to_both_branches(tmp_path):
