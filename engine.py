@@ -290,6 +290,8 @@ def prepare_training(model, args, config, device):
     AdamW (init_lr, weight_decay) and the GradScaler (amp), and resumes (--resume or the output
     folder's last checkpoint). Returns (model, model_without_ddp, optimizer, scaler, state).
     """
+    if args.evaluate and not args.resume:  # (a --resume checkpoint replaces every weight)
+        require_trained_weights(model, config)
     model = model.to(device)
     if config['text_grad_ckpt']:
         set_text_grad_checkpointing(model)
@@ -299,6 +301,28 @@ def prepare_training(model, args, config, device):
     scaler = make_grad_scaler(config, device)
     state = resume(args, model_without_ddp, optimizer, scaler)
     return model, model_without_ddp, optimizer, scaler, state
+
+
+def require_trained_weights(model, config):
+    """For evaluation: refuse a `pretrained` checkpoint that lacks weights of the model, which
+    would be evaluated at their random initial values (e.g. a captioning checkpoint given to
+    train_retrieval.py --evaluate). Fine-tuning loads such checkpoints as the original does
+    (the missing heads are listed as newly initialised when loading)."""
+    if not config.get('pretrained'):
+        return
+    from models.blip import missing_parameters
+
+    source, msg = getattr(model, 'loaded_from', (config['pretrained'], None))
+    missing = missing_parameters(model, msg) if msg is not None else []
+    if missing:
+        modules = {}
+        for key in missing:
+            modules[key.split('.')[0]] = modules.get(key.split('.')[0], 0) + 1
+        parts = ', '.join(f'{name} ({count})' for name, count in modules.items())
+        raise utils.CheckpointError(
+            f"evaluation: checkpoint {source} lacks {len(missing)} weights of {type(model).__name__}: {parts}; "
+            f"they would be evaluated at their random initial values. "
+            f"Is it a checkpoint of this task? (Fine-tuning from it is allowed.)")
 
 
 # --------------------------------------------------------------------------- precision

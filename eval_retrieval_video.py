@@ -111,6 +111,7 @@ def main(args, config, device):
     model = blip_retrieval(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                            med_config=config['med_config'], embed_dim=config['embed_dim'],
                            queue_size=config['queue_size'])
+    engine.require_trained_weights(model, config)
     model = model.to(device)
 
     score_v2t, score_t2v = evaluation(model, test_loader, device, config)

@@ -162,6 +162,13 @@ def blip_feature_extractor(pretrained='', **kwargs):
     return model
 
 
+def missing_parameters(model, msg):
+    """The missing keys of a load that are parameters (weights left at their initial values),
+    not buffers such as the retrieval queues."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [key for key in msg.missing_keys if key in names]
+
+
 def _require_no_missing(msg, source):
     if msg.missing_keys:
         raise RuntimeError(f"checkpoint {source} lacks {len(msg.missing_keys)} weights of the model "
@@ -335,6 +342,7 @@ def load_state_dict_into(model, state_dict, source='state dict'):
 
     incompatible = model.load_state_dict(state_dict, strict=False)
     msg = CheckpointLoadResult(list(incompatible.missing_keys), list(incompatible.unexpected_keys), dropped)
+    model.loaded_from = (str(source), msg)  # what the weights came from, for later checks (engine)
     print(f'load checkpoint from {source}')
     if msg.missing_keys or msg.unexpected_keys or msg.dropped_keys:
         print(msg)

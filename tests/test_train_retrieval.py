@@ -191,6 +191,23 @@ def test_script_bad_input_fails_before_training(toy_config, tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+def test_evaluating_a_checkpoint_of_another_task_is_refused(toy_config, tmp_path):
+    """A captioning checkpoint lacks the ITM head and the text encoder: --evaluate must not
+    score a model whose weights are still random."""
+    from models.blip import BLIP_Decoder
+
+    config = json.loads(toy_config.read_text())
+    captioner = BLIP_Decoder(med_config=config['med_config'], image_size=32, vit=TINY_VIT)
+    checkpoint = tmp_path / 'caption_best.pth'
+    torch.save({'model': captioner.state_dict()}, checkpoint)
+    with pytest.raises(utils.CheckpointError) as error:
+        train_retrieval.run(['--config', str(toy_config), '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu',
+                             '--evaluate', f'pretrained={checkpoint}'])
+    message = str(error.value)
+    assert str(checkpoint) in message and 'BLIP_Retrieval' in message and 'itm_head' in message
+    assert not (tmp_path / 'eval' / 'evaluate.txt').exists()
+
+
 def test_text_grad_checkpointing_keeps_the_gradients(fixture_model, monkeypatch):
     import copy
     import engine
