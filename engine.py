@@ -55,6 +55,24 @@ ENGINE_DEFAULTS = {
 }
 AMP_MODES = ('none', 'bf16', 'fp16')
 
+# Numeric keys the scripts read, and the values that mean something: (integer?, lowest, whether
+# the lowest itself is allowed, highest). check_config applies them to every key a config has.
+VALUE_RULES = {
+    'max_epoch': (True, 1, True, None), 'batch_size': (True, 1, True, None),
+    'batch_size_train': (True, 1, True, None), 'batch_size_test': (True, 1, True, None),
+    'num_workers': (True, 0, True, None), 'image_size': (True, 1, True, None),
+    'queue_size': (True, 1, True, None), 'embed_dim': (True, 1, True, None),
+    'k_test': (True, 0, True, None),  # 0: rank by ITC alone
+    'rerank_batch_size': (True, 1, True, None), 'num_frm_test': (True, 1, True, None),
+    'num_beams': (True, 1, True, None), 'max_length': (True, 1, True, None),
+    'min_length': (True, 0, True, None), 'vit_ckpt_layer': (True, 0, True, None),
+    'warmup_steps': (True, 0, True, None),
+    'init_lr': (False, 0, False, None), 'min_lr': (False, 0, True, None),
+    'warmup_lr': (False, 0, True, None), 'weight_decay': (False, 0, True, None),
+    'lr_decay_rate': (False, 0, False, 1), 'alpha': (False, 0, True, 1),
+    'momentum': (False, 0, True, 1),
+}
+
 LAST_CHECKPOINT = 'checkpoint_last.pth'
 BEST_CHECKPOINT = 'checkpoint_best.pth'
 
@@ -105,6 +123,9 @@ def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS
         if unknown:
             raise utils.ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
                                     f"valid keys: {', '.join(sorted(valid))}")
+    for key, rule in VALUE_RULES.items():
+        if key in config:
+            check_value(config[key], key, path, *rule)
     if config['amp'] not in AMP_MODES:
         raise utils.ConfigError(f"config file {path}: amp must be one of {', '.join(AMP_MODES)}; "
                                 f"got {config['amp']!r}")
@@ -115,6 +136,18 @@ def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise utils.ConfigError(f'config file {path}: clip_grad_norm must be a positive number '
                                 f'or null; got {clip!r}')
+
+
+def check_value(value, key, path, integer, lowest, lowest_allowed=True, highest=None):
+    """ConfigError naming key, value and file unless value is a number in the allowed range."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value) and (not integer or isinstance(value, int))
+    ok = ok and (value >= lowest if lowest_allowed else value > lowest) and (highest is None or value <= highest)
+    if not ok:
+        kind = 'an integer' if integer else 'a number'
+        bounds = f"{'>=' if lowest_allowed else '>'} {lowest}" + (f' and <= {highest}' if highest is not None else '')
+        raise utils.ConfigError(f'config file {path} (or its command-line overrides): {key} must be {kind} '
+                                f'{bounds}; got {value!r}')
 
 
 # --------------------------------------------------------------------------- set-up

@@ -6,7 +6,7 @@
 As the original: every sampled frame goes through the ViT; a video's ITC feature is the
 mean of its frames' projected [CLS] features (normalised after averaging), and ITM reads
 the frames' token sequences concatenated (num_frm_test x tokens per frame). The ranking is
-train_retrieval's: ITC similarity picks the top `k_test` candidates, each re-scored by its
+ranking.py's, as for images: ITC similarity picks the top `k_test` candidates, each re-scored by its
 raw ITM logit (class 1) plus its similarity, -100 elsewhere; under N processes each rank
 re-ranks a block of rows and the matrices are summed. Reported: recall@1/5/10 both ways,
 their means, and the median rank of text-to-video retrieval (vid_mdR), in test_result.txt.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import engine
-import train_retrieval
+import ranking
 import utils
 from data import create_dataset
 from models.blip_retrieval import blip_retrieval
@@ -63,15 +63,15 @@ def evaluation(model, data_loader, device, config):
     print('Computing features for evaluation...')
     start_time = time.time()
 
-    text_ids, text_atts, text_embeds = train_retrieval.text_features(model, data_loader.dataset.text, device,
-                                                                     config)
+    text_ids, text_atts, text_embeds = ranking.text_features(model, data_loader.dataset.text, device, config)
     video_feats, video_embeds = video_features(model, data_loader, device, config)
-    sims_matrix = video_embeds @ text_embeds.t()
-    score_v2t, score_t2v = train_retrieval.rerank(model, sims_matrix, video_feats, text_ids, text_atts,
-                                                  device, config)
+    v2t_idx, v2t_score, t2v_idx, t2v_score = ranking.rank(model, video_embeds, video_feats, text_embeds,
+                                                          text_ids, text_atts, device, config)
 
     engine.print_elapsed(start_time, 'Evaluation time')
-    return score_v2t.cpu().numpy(), score_t2v.cpu().numpy()
+    # the dense matrices: vid_mdR needs every text's full rank
+    return (ranking.dense(v2t_idx, v2t_score, len(text_embeds)).cpu().numpy(),
+            ranking.dense(t2v_idx, t2v_score, len(video_embeds)).cpu().numpy())
 
 
 def _as_list(value):
@@ -85,10 +85,10 @@ def itm_eval(scores_v2t, scores_t2v, txt2vmg, vid2txt):
     Keys as the original: txt_r1, txt_r5, txt_r10, txt_r_mean, vid_r1, vid_r5, vid_r10,
     vid_r_mean, vid_mdR, r_mean. vid2txt maps a video to its text (or list of texts).
     """
-    recalls = train_retrieval.itm_eval(scores_v2t, scores_t2v, txt2vmg,
+    recalls = ranking.itm_eval(scores_v2t, scores_t2v, txt2vmg,
                                        {index: _as_list(vid2txt[index]) for index in range(len(scores_v2t))})
     # text -> video: the 0-based rank of each text's video (as itm_eval ranks it)
-    ranks = np.array([np.where(np.argsort(score)[::-1] == txt2vmg[index])[0][0]
+    ranks = np.array([np.where(np.argsort(score, kind='stable')[::-1] == txt2vmg[index])[0][0]
                       for index, score in enumerate(scores_t2v)])
     result = {key: recalls[key] for key in ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean')}
     for key in ('r1', 'r5', 'r10', 'r_mean'):

@@ -35,4 +35,7 @@ if utils.is_main_process():
     with open(sys.argv[1], 'w') as f:
         json.dump({'queues_equal': all(torch.equal(q, queues[0]) for q in queues),
                    'weights_equal': all(torch.equal(w, weights[0]) for w in weights)}, f)
+# both ranks leave together: a rank tearing gloo down while the other still writes its result
+# made the other abort now and then ("terminate called without an active exception")
+dist.barrier()
 dist.destroy_process_group()

@@ -298,3 +298,30 @@ def test_command_line_missing_config_names_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         utils.parse_args_and_config("test", str(tmp_path / "absent.yaml"), argv=[])
     assert "absent.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('override, message', [
+    ('max_epoch=-1', "max_epoch must be an integer >= 1; got -1"),
+    ('max_epoch=1.5', "max_epoch must be an integer >= 1; got 1.5"),
+    ('init_lr=abc', "init_lr must be a number > 0; got 'abc'"),
+    ('init_lr=0', "init_lr must be a number > 0; got 0"),
+    ('k_test=-1', "k_test must be an integer >= 0; got -1"),
+    ('batch_size_train=abc', "batch_size_train must be an integer >= 1; got 'abc'"),
+    ('batch_size_test=true', "batch_size_test must be an integer >= 1; got True"),
+    ('alpha=1.5', "alpha must be a number >= 0 and <= 1; got 1.5"),
+    ('weight_decay=.nan', "weight_decay must be a number >= 0; got nan"),
+])
+def test_numeric_values_are_checked_naming_key_value_and_file(override, message):
+    import train_retrieval
+    config_file = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
+    with pytest.raises(utils.ConfigError) as error:
+        train_retrieval.run(['--config', str(config_file), '--device', 'cpu', override])
+    assert message in str(error.value) and str(config_file) in str(error.value)
+
+
+def test_every_official_and_toy_config_passes_the_value_checks():
+    import engine
+    configs = sorted((REPO / 'configs').glob('*.yaml')) + sorted((REPO / 'configs' / 'shapes').glob('*.yaml'))
+    assert len(configs) > 15
+    for path in configs:
+        engine.check_config(utils.load_config(str(path), defaults=engine.ENGINE_DEFAULTS), path)

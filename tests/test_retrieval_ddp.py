@@ -98,6 +98,28 @@ def test_evaluate_two_processes_equal_one(toy_data, fixed_checkpoint, tmp_path):
     assert len(np.unique(np.round(scores[1][1]['i2t'][scores[1][1]['i2t'] != -100], 5))) > 20
 
 
+def test_topk_evaluation_writes_the_dense_evaluate_txt_for_one_and_two_processes(toy_data, fixed_checkpoint,
+                                                                               tmp_path):
+    results = {}
+    for mode, nproc in (('dense', 1), ('topk', 1), ('topk', 2)):
+        out = tmp_path / f'{mode}_{nproc}'
+        run_script('train_retrieval.py', *script_args(toy_data, out, '--evaluate', f'pretrained={fixed_checkpoint}',
+                                                      'k_test=10', f'eval_mode={mode}'), nproc=nproc)
+        (results[mode, nproc],) = read_json_lines(out / 'evaluate.txt')
+        assert sorted(p.name for p in out.iterdir()) == ['config.yaml', 'evaluate.txt']
+    assert results['topk', 1] == results['dense', 1]
+    assert results['topk', 2] == results['dense', 1]
+    # rankings the comparison can tell apart (recalls strictly between 0 and 100)
+    assert sum(0 < value < 100 for value in results['dense', 1].values()) >= 6, results['dense', 1]
+
+    # k_test 0: the ITC ranking alone, labelled as such
+    out = tmp_path / 'itc'
+    run_script('train_retrieval.py', *script_args(toy_data, out, '--evaluate', f'pretrained={fixed_checkpoint}',
+                                                  'k_test=0'))
+    (itc,) = read_json_lines(out / 'evaluate.txt')
+    assert itc['ranking'] == 'itc only (k_test 0)' and set(results['dense', 1]) < set(itc)
+
+
 # --------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize('negative_all_rank, accum_steps', [(True, 1), (False, 2)])

@@ -76,21 +76,22 @@ def test_evaluation_matches_the_original_score_matrices(fixture_model, fixture_i
 
 
 @pytest.mark.parametrize('world_size', [2, 3])
-def test_work_split_by_rank_sums_to_the_one_process_matrices(fixture_model, fixture_io, monkeypatch, world_size):
+def test_work_split_by_rank_sums_to_the_one_process_lists(fixture_model, fixture_io, monkeypatch, world_size):
     inputs, outputs, loader = fixture_io
     config = {'k_test': 3}
-    single = train_retrieval.evaluation(fixture_model, loader, torch.device('cpu'), config)
+    single = train_retrieval.evaluation_topk(fixture_model, loader, torch.device('cpu'), config)
 
-    reduced = [np.zeros_like(single[0]), np.zeros_like(single[1])]
+    reduced = [torch.zeros_like(part) for part in single]
     monkeypatch.setattr(utils, 'get_world_size', lambda: world_size)
     monkeypatch.setattr(utils, 'barrier', lambda: None)
     monkeypatch.setattr(utils, 'all_reduce_sum', lambda tensor: tensor)  # summed below instead
     for rank in range(world_size):
         monkeypatch.setattr(utils, 'get_rank', lambda rank=rank: rank)
-        for total, part in zip(reduced, train_retrieval.evaluation(fixture_model, loader, torch.device('cpu'), config)):
+        for total, part in zip(reduced, train_retrieval.evaluation_topk(fixture_model, loader, torch.device('cpu'),
+                                                                        config)):
             total += part
     for total, expected in zip(reduced, single):
-        np.testing.assert_allclose(total, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(total, expected, atol=1e-6, rtol=0)
 
 
 def test_k_test_larger_than_the_candidates(fixture_model, fixture_io):

@@ -1,0 +1,391 @@
+"""Two-stage image-text ranking, as BLIP evaluates retrieval: an ITC shortlist re-ranked by ITM.
+
+For every image the `k` texts of highest ITC similarity are its candidates, and for every text
+the `k` images; each candidate pair is scored once, by its raw ITM logit (class 1) plus its ITC
+similarity (the original's score). train_retrieval.py and eval_retrieval_video.py evaluate with
+it; anything else that ranks texts against images (search over a gallery, dataset filtering)
+should import it too.
+
+Memory is O((images + texts) x k): similarities are computed a block of rows at a time and only
+each row's top-k is kept, never the images x texts matrix. Re-ranking puts several images'
+candidates in one forward (the cross-attention keys/values of G images serve G x r texts
+without copies). Under N processes each rank ranks a contiguous block of image rows and of text
+rows (the original's split) and the top-k lists are summed over ranks.
+"""
+import contextlib
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import engine
+import utils
+
+TEXT_BATCH = 256               # texts per forward for text features (the original's)
+SIM_BLOCK_ELEMENTS = 2 ** 25   # similarities per block of rows (128 MB of float32)
+ITC_ONLY_K = 10                # candidates kept when k_test is 0 (enough for recall@10)
+PAIRS_PER_FORWARD = 256        # default `rerank_batch_size`: (image, text) pairs per ITM forward
+IMAGES_PER_FORWARD = 32        # at most this many images' keys/values in one forward
+SAVE_EVERY_S = 60.0            # resumable re-ranking: seconds between progress files
+
+
+@torch.no_grad()
+def text_features(model, texts, device, config):
+    """(token ids with [ENC] first, for ITM; attention masks; normalised ITC features) of texts."""
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    text_ids, text_atts, text_embeds = [], [], []
+    for i in metric_logger.log_every(range(0, len(texts), TEXT_BATCH), 50, 'Text features:'):
+        text_input = model.tokenizer(texts[i:i + TEXT_BATCH], padding='max_length', truncation=True,
+                                     max_length=35, return_tensors='pt').to(device)
+        with engine.autocast(config, device):
+            text_output = model.text_encoder(text_input.input_ids, attention_mask=text_input.attention_mask,
+                                             mode='text')
+            text_embed = model.text_proj(text_output.last_hidden_state[:, 0, :])
+        text_embeds.append(F.normalize(text_embed.float(), dim=-1))
+        text_ids.append(text_input.input_ids)
+        text_atts.append(text_input.attention_mask)
+    text_embeds = torch.cat(text_embeds, dim=0)
+    text_ids = torch.cat(text_ids, dim=0)
+    text_atts = torch.cat(text_atts, dim=0)
+    text_ids[:, 0] = model.tokenizer.enc_token_id  # ITM reads [ENC] first
+    return text_ids, text_atts, text_embeds
+
+
+@torch.no_grad()
+def image_features(model, data_loader, device, config, token_file=None):
+    """(visual encoder outputs: the cross-attention input; normalised ITC features).
+
+    data_loader yields (images, indices) in index order, as the evaluation sets do. The tokens
+    are kept in host memory, as the original, or with token_file written to that .npy file in
+    float16 and returned memory-mapped (a 100k-image gallery at 384 px is 88 GB of tokens).
+    """
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    image_feats, image_embeds, stored, done = [], [], None, 0
+    for image, _ in metric_logger.log_every(data_loader, 50, 'Image features:'):
+        image = image.to(device)
+        with engine.autocast(config, device):
+            image_feat = model.visual_encoder(image)
+            image_embed = model.vision_proj(image_feat[:, 0, :])
+        image_embeds.append(F.normalize(image_embed.float(), dim=-1))
+        if token_file is None:
+            image_feats.append(image_feat.cpu())
+            continue
+        if stored is None:
+            shape = (len(data_loader.dataset),) + tuple(image_feat.shape[1:])
+            stored = np.lib.format.open_memmap(token_file, mode='w+', dtype=np.float16, shape=shape)
+        stored[done:done + len(image_feat)] = image_feat.to(torch.float16).cpu().numpy()
+        done += len(image_feat)
+    image_embeds = torch.cat(image_embeds, dim=0)
+    if token_file is None:
+        return torch.cat(image_feats, dim=0), image_embeds
+    stored.flush()
+    return torch.from_numpy(np.load(token_file, mmap_mode='c')), image_embeds  # copy-on-write: never written back
+
+
+def rows_of_this_rank(num_rows):
+    """(start, end) of this rank's contiguous block of rows (the original's split of the work)."""
+    step = num_rows // utils.get_world_size() + 1
+    start = min(num_rows, utils.get_rank() * step)
+    return start, min(num_rows, start + step)
+
+
+def shortlist(query_embeds, gallery_embeds, k, start=0, end=None):
+    """ITC top-k of query rows start..end: (similarities, gallery indices), each (rows, k).
+
+    Computed a block of rows at a time, so memory is O(block x gallery + rows x k).
+    """
+    end = len(query_embeds) if end is None else end
+    k = min(k, len(gallery_embeds))
+    block = max(1, min(end - start, SIM_BLOCK_ELEMENTS // max(1, len(gallery_embeds))))
+    # one buffer for every block: fresh blocks each time fragment the host heap (glibc kept
+    # 1.2 GB of freed 16 MB blocks at 40k x 8k)
+    buffer = query_embeds.new_empty((block, len(gallery_embeds)))
+    sims, indices = [], []
+    for begin in range(start, end, block):
+        rows = query_embeds[begin:min(end, begin + block)]
+        block_sims = torch.matmul(rows, gallery_embeds.t(), out=buffer[:len(rows)])
+        values, index = block_sims.topk(k=k, dim=1)
+        sims.append(values)
+        indices.append(index)
+    if not sims:
+        empty = query_embeds.new_zeros((0, k))
+        return empty, empty.long()
+    return torch.cat(sims), torch.cat(indices)
+
+
+def _forward_plan(pair_images, pair_texts, text_lengths, batch_pairs):
+    """Work units for re-ranking, packed into forwards.
+
+    A unit is (image, positions of its pairs), at most batch_pairs pairs, the image's texts
+    sorted by length (so a unit's padding columns can be cut). Units of similar size share a
+    forward: G units of at most r pairs each, G x r <= batch_pairs.
+    """
+    images, counts = torch.unique_consecutive(pair_images, return_counts=True)
+    units = []
+    offset = 0
+    for image, count in zip(images.tolist(), counts.tolist()):
+        positions = torch.arange(offset, offset + count)
+        positions = positions[torch.argsort(text_lengths[pair_texts[positions]], stable=True)]
+        units.extend((image, positions[i:i + batch_pairs]) for i in range(0, count, batch_pairs))
+        offset += count
+    units.sort(key=lambda unit: -len(unit[1]))
+    forwards, current = [], []
+    for unit in units:
+        width = len(current[0][1]) if current else len(unit[1])
+        if current and ((len(current) + 1) * width > batch_pairs or len(current) == IMAGES_PER_FORWARD):
+            forwards.append(current)
+            current = []
+        current.append(unit)
+    if current:
+        forwards.append(current)
+    return forwards
+
+
+@torch.no_grad()
+def _score_forward(model, units, image_feats, text_ids, text_atts, device, config):
+    """ITM logits (class 1) of one forward's units, one tensor per unit."""
+    width = len(units[0][1])
+    # each unit is padded to `width` texts by repeating its last one (those scores are dropped)
+    rows = torch.cat([torch.cat([texts, texts[-1:].expand(width - len(texts))]) for _, texts in units])
+    ids, atts = text_ids[rows], text_atts[rows]
+    length = int(atts.sum(dim=1).max())  # padding columns of every text are masked: cut them
+    ids, atts = ids[:, :length].to(device), atts[:, :length].to(device)
+    feats = image_feats[torch.tensor([image for image, _ in units])].to(device)
+    if config.get('amp', 'none') == 'none':
+        feats = feats.float()  # tokens stored in half precision (token_file) go back to float32
+    with engine.autocast(config, device):
+        cross_kv = model.text_encoder.compute_cross_kv(feats)
+        # every image token is visible, so no image mask is needed (the original's all-ones one)
+        output = model.text_encoder(ids, attention_mask=atts, cross_kv=cross_kv, return_dict=True)
+        logits = model.itm_head(output.last_hidden_state[:, 0, :])[:, 1].float()
+    logits = logits.view(len(units), width)
+    return [logits[i, :len(texts)] for i, (_, texts) in enumerate(units)]
+
+
+class _ProgressDir:
+    """Append-only progress of one re-ranking: files of (unit numbers, scores) in a folder.
+
+    The folder's name is a fingerprint of the work (the candidate lists, this rank's place and
+    the model's parameters), so a rerun of the same evaluation continues where the last one
+    stopped, and any other evaluation starts afresh.
+    """
+
+    def __init__(self, root, fingerprint):
+        self.folder = os.path.join(root, f'rerank-{fingerprint}') if root else None
+        self.pending, self.last_save = [], time.time()
+
+    def load(self):
+        done = {}
+        if self.folder is None or not os.path.isdir(self.folder):
+            return done
+        for name in sorted(os.listdir(self.folder)):
+            if name.endswith('.pt'):
+                path = os.path.join(self.folder, name)
+                try:
+                    part = utils.load_checkpoint_file(path)
+                except utils.CheckpointError:
+                    continue  # a part cut short by a kill: its units are scored again
+                done.update(zip(part['units'], part['scores']))
+        if done:
+            print(f'Re-ranking: continuing from {self.folder} ({len(done)} forwards already scored)')
+        return done
+
+    def add(self, unit_numbers, scores):
+        if self.folder is None:
+            return
+        self.pending.append((unit_numbers, scores))
+        if time.time() - self.last_save >= SAVE_EVERY_S:
+            self.flush()
+
+    def flush(self):
+        if self.folder is None or not self.pending:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        part = {'units': [n for numbers, _ in self.pending for n in numbers],
+                'scores': [s for _, scores in self.pending for s in scores]}
+        utils.save_checkpoint(part, os.path.join(self.folder, f"part-{part['units'][0]:09d}.pt"))
+        self.pending, self.last_save = [], time.time()
+
+    def finish(self):
+        """The work is done: its progress files go (and the parent folder, once empty)."""
+        if self.folder is not None and os.path.isdir(self.folder):
+            for name in os.listdir(self.folder):
+                os.remove(os.path.join(self.folder, name))
+            os.rmdir(self.folder)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.folder))
+
+
+def _fingerprint(model, *tensors):
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    # parameter sums: any change of the weights changes the fingerprint
+    sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])
+    digest.update(sums.numpy().tobytes())
+    digest.update(f'{utils.get_rank()}/{utils.get_world_size()}'.encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def score_pairs(model, image_feats, text_ids, text_atts, pair_images, pair_texts, device, config,
+                progress_dir=None):
+    """Raw ITM logits (class 1) of (image, text) pairs sorted by image; a float32 tensor.
+
+    image_feats: (images, tokens, width) on any device (or memory-mapped); text_ids with [ENC]
+    first (text_features). `rerank_batch_size` pairs go in one forward. With progress_dir,
+    scores are saved there as they come (every SAVE_EVERY_S seconds) and a rerun of the same
+    work continues from them; the folder is removed when the scoring completes.
+    """
+    batch_pairs = int(config.get('rerank_batch_size', PAIRS_PER_FORWARD))
+    scores = torch.empty(len(pair_images))
+    if len(pair_images) == 0:
+        return scores
+    plan = _forward_plan(pair_images, pair_texts, text_atts.sum(dim=1), batch_pairs)
+    progress = _ProgressDir(progress_dir, _fingerprint(model, pair_images, pair_texts, text_ids,
+                                                       image_feats[pair_images[0]].float()))
+    done = progress.load()
+    metric_logger = utils.MetricLogger(delimiter='  ')
+    unit_number = 0
+    for units in metric_logger.log_every(plan, 50, 'Re-ranking:'):
+        numbers = list(range(unit_number, unit_number + len(units)))
+        unit_number += len(units)
+        if all(n in done for n in numbers):
+            unit_scores = [done[n] for n in numbers]
+        else:
+            unit_scores = _score_forward(model, [(image, pair_texts[positions]) for image, positions in units],
+                                         image_feats, text_ids, text_atts, device, config)
+            progress.add(numbers, [s.cpu() for s in unit_scores])
+        for (_, positions), unit_score in zip(units, unit_scores):
+            scores[positions] = unit_score.cpu()
+    progress.finish()
+    return scores
+
+
+def _descending(scores, indices):
+    """Sort each row by score, highest first; equal scores put the higher index first (the order
+    train_retrieval.itm_eval's stable sort gives them)."""
+    by_index = torch.argsort(indices, dim=1, descending=True, stable=True)
+    scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
+    by_score = torch.argsort(scores, dim=1, descending=True, stable=True)
+    return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
+@torch.no_grad()
+def rank(model, image_embeds, image_feats, text_embeds, text_ids, text_atts, device, config,
+         progress_dir=None):
+    """Both top-k lists: (i2t_idx, i2t_score, t2i_idx, t2i_score), of shapes (images, k) and
+    (texts, k), candidates by descending score, on every rank.
+
+    k is config['k_test'] capped at the gallery size (where the original would fail). Scores are
+    ITM logit + ITC similarity; k_test 0 ranks by ITC alone (ITC_ONLY_K candidates, scores are
+    the similarities).
+    """
+    k_test = config['k_test']
+    num_images, num_texts = len(image_embeds), len(text_embeds)
+    i_start, i_end = rows_of_this_rank(num_images)
+    t_start, t_end = rows_of_this_rank(num_texts)
+    k = ITC_ONLY_K if k_test == 0 else k_test
+    i2t_sim, i2t_idx = shortlist(image_embeds, text_embeds, k, i_start, i_end)
+    t2i_sim, t2i_idx = shortlist(text_embeds, image_embeds, k, t_start, t_end)
+
+    if k_test == 0:
+        i2t_score, t2i_score = i2t_sim, t2i_sim
+    else:
+        # every (image, text) pair to score, once, sorted by image
+        i2t_images = torch.arange(i_start, i_end, device=i2t_idx.device)[:, None].expand_as(i2t_idx)
+        t2i_texts = torch.arange(t_start, t_end, device=t2i_idx.device)[:, None].expand_as(t2i_idx)
+        i2t_keys = (i2t_images * num_texts + i2t_idx).flatten()
+        t2i_keys = (t2i_idx * num_texts + t2i_texts).flatten()
+        pair_keys = torch.unique(torch.cat([i2t_keys, t2i_keys]))
+        pair_scores = score_pairs(model, image_feats, text_ids, text_atts, (pair_keys // num_texts).cpu(),
+                                  (pair_keys % num_texts).cpu(), device, config, progress_dir)
+        pair_scores = pair_scores.to(pair_keys.device)
+        i2t_score = pair_scores[torch.searchsorted(pair_keys, i2t_keys)].view_as(i2t_sim) + i2t_sim
+        t2i_score = pair_scores[torch.searchsorted(pair_keys, t2i_keys)].view_as(t2i_sim) + t2i_sim
+    i2t_score, i2t_idx = _descending(i2t_score, i2t_idx)
+    t2i_score, t2i_idx = _descending(t2i_score, t2i_idx)
+    return (_assemble(i2t_idx, i_start, num_images), _assemble(i2t_score, i_start, num_images),
+            _assemble(t2i_idx, t_start, num_texts), _assemble(t2i_score, t_start, num_texts))
+
+
+def _assemble(rows, start, num_rows):
+    """This rank's rows placed in a (num_rows, k) tensor, summed over ranks (zeros elsewhere)."""
+    if utils.get_world_size() == 1:
+        return rows
+    full = rows.new_zeros((num_rows, rows.shape[1]))
+    full[start:start + len(rows)] = rows
+    utils.barrier()
+    return utils.all_reduce_sum(full)
+
+
+def dense(indices, scores, num_columns, filler=-100.0):
+    """The original's score matrix from top-k lists: the candidates' scores, `filler` elsewhere."""
+    matrix = torch.full((len(indices), num_columns), filler, dtype=scores.dtype, device=scores.device)
+    return matrix.scatter_(1, indices, scores)
+
+
+# --------------------------------------------------------------------------- recall@K
+
+def _recalls(i2t_ranks, t2i_ranks):
+    """Recall@1/5/10 (percent) both ways and their means from 0-based ranks (as the original)."""
+    def recall(ranks, k):
+        return 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
+    tr1, tr5, tr10 = (recall(i2t_ranks, k) for k in (1, 5, 10))
+    ir1, ir5, ir10 = (recall(t2i_ranks, k) for k in (1, 5, 10))
+    tr_mean = (tr1 + tr5 + tr10) / 3
+    ir_mean = (ir1 + ir5 + ir10) / 3
+    r_mean = (tr_mean + ir_mean) / 2
+    return {'txt_r1': tr1, 'txt_r5': tr5, 'txt_r10': tr10, 'txt_r_mean': tr_mean,
+            'img_r1': ir1, 'img_r5': ir5, 'img_r10': ir10, 'img_r_mean': ir_mean,
+            'r_mean': r_mean}
+
+
+@torch.no_grad()
+def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
+    """Recall@1/5/10 (percent) in both directions and their means, as the original computes them.
+
+    Rows are ordered by a stable sort, so equal scores rank the higher index first (the
+    original's quicksort leaves their order unspecified); itm_eval_topk follows the same rule.
+    """
+    # image -> text: the rank of the best-placed of the image's captions
+    ranks = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        order = np.argsort(score, kind='stable')[::-1]
+        ranks[index] = min((np.where(order == i)[0][0] for i in img2txt[index]), default=1e20)
+    i2t_ranks = ranks
+
+    # text -> image: the rank of the caption's image
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        order = np.argsort(score, kind='stable')[::-1]
+        ranks[index] = np.where(order == txt2img[index])[0][0]
+    return _recalls(i2t_ranks, ranks)
+
+
+def itm_eval_topk(i2t_idx, t2i_idx, txt2img, img2txt):
+    """itm_eval's dict from top-k candidate lists (evaluation_topk's, best first).
+
+    A row's rank is the position of its first ground truth in its list. It equals itm_eval on
+    the dense matrices whenever k >= 10 (a ground truth outside the list is then missed by
+    recall@10 in both). Below k = 10 a ground truth outside the list counts as not retrieved,
+    where the original ranks it among the -100 fillers, an order numpy's sort leaves to chance.
+    """
+    i2t_idx, t2i_idx = torch.as_tensor(i2t_idx), torch.as_tensor(t2i_idx)
+    num_images, num_texts = len(i2t_idx), len(t2i_idx)
+    owner = torch.full((num_texts,), -1, dtype=torch.long)  # the image each text belongs to
+    for image in range(num_images):
+        texts = img2txt[image]
+        owner[torch.as_tensor(texts if isinstance(texts, (list, tuple)) else [texts], dtype=torch.long)] = image
+    i2t_hits = owner[i2t_idx] == torch.arange(num_images)[:, None]
+    t2i_hits = t2i_idx == torch.as_tensor([txt2img[text] for text in range(num_texts)])[:, None]
+    return _recalls(_first_hit(i2t_hits), _first_hit(t2i_hits))
+
+
+def _first_hit(hits):
+    """0-based position of the first True per row, 1e20 where there is none (as itm_eval)."""
+    first = hits.float().argmax(dim=1).double()
+    return torch.where(hits.any(dim=1), first, torch.full_like(first, 1e20)).numpy()
