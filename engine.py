@@ -67,7 +67,7 @@ VALUE_RULES = {
     'num_beams': (True, 1, True, None), 'max_length': (True, 1, True, None),
     'min_length': (True, 0, True, None), 'vit_ckpt_layer': (True, 0, True, None),
     'warmup_steps': (True, 0, True, None),
-    'init_lr': (False, 0, False, None), 'min_lr': (False, 0, True, None),
+    'init_lr': (False, 0, True, None), 'min_lr': (False, 0, True, None),
     'warmup_lr': (False, 0, True, None), 'weight_decay': (False, 0, True, None),
     'lr_decay_rate': (False, 0, False, 1), 'alpha': (False, 0, True, 1),
     'momentum': (False, 0, True, 1),

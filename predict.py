@@ -5,7 +5,7 @@
     python predict.py match --model itm_base --text "a dog on a beach" photos/*.jpg
     python predict.py models                      # the zoo: every official checkpoint by name
 
---model is a zoo name (downloaded once) or a checkpoint (.pth, local or URL) with --config, a
+--model is a zoo name (downloaded once) or a checkpoint (.pth or .safetensors, local or URL) with --config, a
 task config holding its model keys (vit, image_size, med_config, embed_dim, prompt), e.g.
 configs/shapes/caption_coco.yaml. INPUTS are image files, folders (recursively), globs, http(s)
 URLs, or a .txt list (one per line) / .jsonl list of {"image": ...} objects. Output: one JSON

@@ -13,6 +13,7 @@ import argparse
 import builtins
 import copy
 import datetime
+import json
 import math
 import os
 import pickle
@@ -366,12 +367,24 @@ def save_checkpoint(obj, path):
     os.replace()d over `path`: a crash or a failing save leaves the old file intact and no
     temporary file behind.
     """
+    return _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def save_safetensors(state_dict, path):
+    """A state dict of tensors to a .safetensors file, atomically (as save_checkpoint). Tensors
+    that share memory (tied weights) are written as separate copies."""
+    from safetensors.torch import save
+    data = save({key: value.detach().cpu().clone().contiguous() for key, value in state_dict.items()})
+    return _write_atomically(path, lambda f: f.write(data))
+
+
+def _write_atomically(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -415,14 +428,36 @@ def unsafe_load_allowed(allow_unsafe=None):
     return os.environ.get('BLIP_UNSAFE_LOAD', '').lower() in ('1', 'true', 'yes')
 
 
+def _safetensors_header(path, head):
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), or None."""
+    length = int.from_bytes(head[:8], 'little') if len(head) >= 9 else 0
+    if head[8:9] != b'{' or not 0 < length < 100_000_000:
+        return None
+    with open(path, 'rb') as f:
+        f.seek(8)
+        text = f.read(length)
+    try:
+        return length, json.loads(text)
+    except ValueError:
+        return length, None  # cut inside its header
+
+
 def check_checkpoint_file(path, source=None):
-    """CheckpointError unless `path` looks like a whole torch.save file: a zip archive with its
-    directory (torch >= 1.6) or a legacy pickle. `source` (e.g. the URL it came from) is named
-    in the message instead of the path."""
+    """CheckpointError unless `path` looks like a whole checkpoint: a torch.save zip archive with
+    its directory (torch >= 1.6), a legacy pickle, or a .safetensors file with all its tensor
+    bytes. `source` (e.g. the URL it came from) is named in the message instead of the path."""
     with open(path, 'rb') as f:
         head = f.read(64)
     size = os.path.getsize(path)
     name = source or path
+    safetensors = _safetensors_header(path, head)
+    if safetensors is not None:
+        length, header = safetensors
+        ends = [entry['data_offsets'][1] for key, entry in (header or {}).items() if key != '__metadata__']
+        if header is None or size < 8 + length + max(ends, default=0):
+            raise CheckpointError(f"{name} is a truncated .safetensors file ({size} bytes): an interrupted copy "
+                                  f"or download?")
+        return
     if not head.startswith((b'PK\x03\x04', b'\x80')):
         if not head:
             kind = 'an empty file'
@@ -443,6 +478,15 @@ def load_checkpoint_file(path, allow_unsafe=None):
     would run code from the file (then loaded only with the opt-in of `unsafe_load_allowed`)."""
     check_checkpoint_file(path)
     size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if _safetensors_header(path, head) is not None:  # tensors only: safe by construction
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device='cpu')
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes): {error}") from error
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:

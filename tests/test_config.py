@@ -303,8 +303,8 @@ def test_command_line_missing_config_names_the_file(tmp_path, capsys):
 @pytest.mark.parametrize('override, message', [
     ('max_epoch=-1', "max_epoch must be an integer >= 1; got -1"),
     ('max_epoch=1.5', "max_epoch must be an integer >= 1; got 1.5"),
-    ('init_lr=abc', "init_lr must be a number > 0; got 'abc'"),
-    ('init_lr=0', "init_lr must be a number > 0; got 0"),
+    ('init_lr=abc', "init_lr must be a number >= 0; got 'abc'"),
+    ('init_lr=-1e-4', "init_lr must be a number >= 0; got -0.0001"),
     ('k_test=-1', "k_test must be an integer >= 0; got -1"),
     ('batch_size_train=abc', "batch_size_train must be an integer >= 1; got 'abc'"),
     ('batch_size_test=true', "batch_size_test must be an integer >= 1; got True"),
