@@ -71,6 +71,8 @@ VALUE_RULES = {
     'warmup_lr': (False, 0, True, None), 'weight_decay': (False, 0, True, None),
     'lr_decay_rate': (False, 0, False, 1), 'alpha': (False, 0, True, 1),
     'momentum': (False, 0, True, 1),
+    'num_captions': (True, 1, True, None), 'top_p': (False, 0, False, 1),
+    'itm_threshold': (False, 0, True, 1), 'chunk_size': (True, 1, True, None),
 }
 
 LAST_CHECKPOINT = 'checkpoint_last.pth'

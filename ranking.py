@@ -33,11 +33,10 @@ SAVE_EVERY_S = 60.0            # resumable re-ranking: seconds between progress 
 
 
 @torch.no_grad()
-def text_features(model, texts, device, config):
+def text_features(model, texts, device, config, quiet=False):
     """(token ids with [ENC] first, for ITM; attention masks; normalised ITC features) of texts."""
-    metric_logger = utils.MetricLogger(delimiter='  ')
     text_ids, text_atts, text_embeds = [], [], []
-    for i in metric_logger.log_every(range(0, len(texts), TEXT_BATCH), 50, 'Text features:'):
+    for i in _progress(range(0, len(texts), TEXT_BATCH), 'Text features:', quiet):
         text_input = model.tokenizer(texts[i:i + TEXT_BATCH], padding='max_length', truncation=True,
                                      max_length=35, return_tensors='pt').to(device)
         with engine.autocast(config, device):
@@ -83,6 +82,11 @@ def image_features(model, data_loader, device, config, token_file=None):
         return torch.cat(image_feats, dim=0), image_embeds
     stored.flush()
     return torch.from_numpy(np.load(token_file, mmap_mode='c')), image_embeds  # copy-on-write: never written back
+
+
+def _progress(iterable, header, quiet=False):
+    """The iterable, with progress and ETA lines (MetricLogger) unless quiet."""
+    return iterable if quiet else utils.MetricLogger(delimiter='  ').log_every(iterable, 50, header)
 
 
 def rows_of_this_rank(num_rows):
@@ -146,7 +150,7 @@ def _forward_plan(pair_images, pair_texts, text_lengths, batch_pairs):
 
 @torch.no_grad()
 def _score_forward(model, units, image_feats, text_ids, text_atts, device, config):
-    """ITM logits (class 1) of one forward's units, one tensor per unit."""
+    """ITM logits (no match, match) of one forward's units, one (texts, 2) tensor per unit."""
     width = len(units[0][1])
     # each unit is padded to `width` texts by repeating its last one (those scores are dropped)
     rows = torch.cat([torch.cat([texts, texts[-1:].expand(width - len(texts))]) for _, texts in units])
@@ -160,8 +164,8 @@ def _score_forward(model, units, image_feats, text_ids, text_atts, device, confi
         cross_kv = model.text_encoder.compute_cross_kv(feats)
         # every image token is visible, so no image mask is needed (the original's all-ones one)
         output = model.text_encoder(ids, attention_mask=atts, cross_kv=cross_kv, return_dict=True)
-        logits = model.itm_head(output.last_hidden_state[:, 0, :])[:, 1].float()
-    logits = logits.view(len(units), width)
+        logits = model.itm_head(output.last_hidden_state[:, 0, :]).float()
+    logits = logits.view(len(units), width, 2)
     return [logits[i, :len(texts)] for i, (_, texts) in enumerate(units)]
 
 
@@ -232,8 +236,8 @@ def _fingerprint(model, *tensors):
 
 @torch.no_grad()
 def score_pairs(model, image_feats, text_ids, text_atts, pair_images, pair_texts, device, config,
-                progress_dir=None):
-    """Raw ITM logits (class 1) of (image, text) pairs sorted by image; a float32 tensor.
+                progress_dir=None, quiet=False):
+    """Raw ITM logits (no match, match) of (image, text) pairs sorted by image: (pairs, 2) float32.
 
     image_feats: (images, tokens, width) on any device (or memory-mapped); text_ids with [ENC]
     first (text_features). `rerank_batch_size` pairs go in one forward. With progress_dir,
@@ -241,16 +245,15 @@ def score_pairs(model, image_feats, text_ids, text_atts, pair_images, pair_texts
     work continues from them; the folder is removed when the scoring completes.
     """
     batch_pairs = int(config.get('rerank_batch_size', PAIRS_PER_FORWARD))
-    scores = torch.empty(len(pair_images))
+    scores = torch.empty(len(pair_images), 2)
     if len(pair_images) == 0:
         return scores
     plan = _forward_plan(pair_images, pair_texts, text_atts.sum(dim=1), batch_pairs)
     progress = _ProgressDir(progress_dir, _fingerprint(model, pair_images, pair_texts, text_ids,
                                                        image_feats[pair_images[0]].float()))
     done = progress.load()
-    metric_logger = utils.MetricLogger(delimiter='  ')
     unit_number = 0
-    for units in metric_logger.log_every(plan, 50, 'Re-ranking:'):
+    for units in _progress(plan, 'Re-ranking:', quiet):
         numbers = list(range(unit_number, unit_number + len(units)))
         unit_number += len(units)
         if all(n in done for n in numbers):
@@ -263,6 +266,19 @@ def score_pairs(model, image_feats, text_ids, text_atts, pair_images, pair_texts
             scores[positions] = unit_score.cpu()
     progress.finish()
     return scores
+
+
+@torch.no_grad()
+def match_scores(model, image_feats, image_embeds, texts, owners, device, config):
+    """(ITM p(match), ITC cosine) of each text against its own image: texts[i] with image row
+    owners[i] (a sorted list) of image_feats / image_embeds (image_features' outputs). ITM reads
+    [ENC] first, as the retrieval models were fine-tuned."""
+    text_ids, text_atts, text_embeds = text_features(model, texts, device, config, quiet=True)
+    owners = torch.as_tensor(owners, dtype=torch.long)
+    itc = (image_embeds[owners.to(image_embeds.device)] * text_embeds).sum(dim=-1).float().cpu()
+    logits = score_pairs(model, image_feats, text_ids, text_atts, owners, torch.arange(len(texts)), device, config,
+                         quiet=True)
+    return logits.softmax(dim=-1)[:, 1], itc
 
 
 def _descending(scores, indices):
@@ -303,7 +319,7 @@ def rank(model, image_embeds, image_feats, text_embeds, text_ids, text_atts, dev
         pair_keys = torch.unique(torch.cat([i2t_keys, t2i_keys]))
         pair_scores = score_pairs(model, image_feats, text_ids, text_atts, (pair_keys // num_texts).cpu(),
                                   (pair_keys % num_texts).cpu(), device, config, progress_dir)
-        pair_scores = pair_scores.to(pair_keys.device)
+        pair_scores = pair_scores[:, 1].to(pair_keys.device)  # the raw "match" logit, as the original
         i2t_score = pair_scores[torch.searchsorted(pair_keys, i2t_keys)].view_as(i2t_sim) + i2t_sim
         t2i_score = pair_scores[torch.searchsorted(pair_keys, t2i_keys)].view_as(t2i_sim) + t2i_sim
     i2t_score, i2t_idx = _descending(i2t_score, i2t_idx)
