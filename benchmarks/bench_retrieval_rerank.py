@@ -62,7 +62,7 @@ def original_rerank(model, sims_matrix, image_feats, text_ids, text_atts, k_test
         image_mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=device)
         out = model.text_encoder(ids, attention_mask=atts, encoder_hidden_states=image_tokens,
                                  encoder_attention_mask=image_mask, return_dict=True)
-        return model.itm_head(out.last_hidden_state[:, 0, :])[:, 1]
+        return model.itm_head(out.last_hidden_state[:, 0, :])[:, 1].float()  # float32 under autocast too
 
     i2t = torch.full((num_images, num_texts), -100.0, device=device)
     for i in range(num_images):
