@@ -6,6 +6,7 @@ to the working directory), as in the original. With `laion_path`, the *.json sha
 that folder (same format) are cycled: shard 0 at start, shard epoch % n after
 `reload_laion(epoch)`.
 """
+import contextlib
 import glob
 import os
 
@@ -14,10 +15,33 @@ from torch.utils.data import Dataset
 
 from data.utils import DataError, load_image, load_json_list, pre_caption
 
-# As the original: web-crawled images are often truncated or huge; load them anyway.
-# (This is process-wide PIL state, set when the data package is imported.)
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-Image.MAX_IMAGE_PIXELS = None
+
+@contextlib.contextmanager
+def _permissive_pil():
+    """PIL loading truncated and very large images, for the duration of one load only."""
+    truncated, max_pixels = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = True, None
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = truncated, max_pixels
+
+
+def load_web_image(image_path, ann_file, index):
+    """As the original for web-crawled data: a truncated or huge image is loaded anyway (the
+    missing part grey), with a warning naming it; other tasks' datasets refuse such files.
+    The original set this for the whole process on import; here it holds for this load only."""
+    try:
+        return load_image(image_path, ann_file, index)
+    except DataError as error:
+        reason = str(error.__cause__ or error).lower()
+        if 'truncated' not in reason and 'decompression bomb' not in reason:
+            raise
+    with _permissive_pil():
+        image = load_image(image_path, ann_file, index)
+    print(f"warning: {image_path} (entry {index} of {ann_file}) is truncated or very large; loaded anyway, "
+          f"as the original does for web data")
+    return image
 
 _FIELDS = {"image": str, "caption": str}
 
@@ -74,5 +98,5 @@ class pretrain_dataset(Dataset):
     def __getitem__(self, index):
         ann = self.annotation[index]
         ann_file, entry = self._source(index)
-        image = self.transform(load_image(ann["image"], ann_file, entry))
+        image = self.transform(load_web_image(ann["image"], ann_file, entry))
         return image, pre_caption(ann["caption"], 30)

@@ -220,3 +220,31 @@ def test_bad_video(synthetic, tmp_path, problem):
     message = str(info.value)
     assert str(path) in message and "msrvtt_test.jsonl" in message and "entry 1" in message
     assert dataset[0][0].shape[0] == 4
+
+
+def test_truncated_jpeg_refused_by_task_data_loaded_with_a_warning_for_web_data(tmp_path, capsys):
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageFile
+
+    from data.pretrain_dataset import pretrain_dataset
+    from data.utils import DataError, load_image
+
+    pixels = (np.random.RandomState(0).rand(96, 96, 3) * 255).astype('uint8')
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG')
+    path = tmp_path / 'cut.jpg'
+    path.write_bytes(buffer.getvalue()[:int(len(buffer.getvalue()) * 0.7)])
+    # importing the data package leaves PIL's process-wide settings alone
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False and Image.MAX_IMAGE_PIXELS is not None
+    with pytest.raises(DataError, match=r'cut.jpg \(entry 4 of ann.json\).*truncated'):
+        load_image(str(path), 'ann.json', 4)
+
+    ann = tmp_path / 'web.json'
+    ann.write_text(json.dumps([{'image': str(path), 'caption': 'a noisy web image'}]))
+    image, caption = pretrain_dataset([str(ann)], '', lambda image: image)[0]
+    assert image.size == (96, 96) and caption == 'a noisy web image'
+    assert 'cut.jpg (entry 0 of' in capsys.readouterr().out
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # only for that load
