@@ -345,19 +345,12 @@ def require_trained_weights(model, config):
     (the missing heads are listed as newly initialised when loading)."""
     if not config.get('pretrained'):
         return
-    from models.blip import missing_parameters
+    from models.blip import require_weights
 
     source, msg = getattr(model, 'loaded_from', (config['pretrained'], None))
-    missing = missing_parameters(model, msg) if msg is not None else []
-    if missing:
-        modules = {}
-        for key in missing:
-            modules[key.split('.')[0]] = modules.get(key.split('.')[0], 0) + 1
-        parts = ', '.join(f'{name} ({count})' for name, count in modules.items())
-        raise utils.CheckpointError(
-            f"evaluation: checkpoint {source} lacks {len(missing)} weights of {type(model).__name__}: {parts}; "
-            f"they would be evaluated at their random initial values. "
-            f"Is it a checkpoint of this task? (Fine-tuning from it is allowed.)")
+    if msg is not None:
+        require_weights(model, msg, source, 'they would be evaluated at their random initial values. '
+                                            'Is it a checkpoint of this task? (Fine-tuning from it is allowed.)')
 
 
 # --------------------------------------------------------------------------- precision

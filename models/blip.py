@@ -150,7 +150,7 @@ def blip_decoder(pretrained='', **kwargs):
     model = BLIP_Decoder(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        _require_no_missing(msg, pretrained)
+        require_weights(model, msg, pretrained)
     return model
 
 
@@ -158,7 +158,7 @@ def blip_feature_extractor(pretrained='', **kwargs):
     model = BLIP_Base(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        _require_no_missing(msg, pretrained)
+        require_weights(model, msg, pretrained)
     return model
 
 
@@ -169,10 +169,19 @@ def missing_parameters(model, msg):
     return [key for key in msg.missing_keys if key in names]
 
 
-def _require_no_missing(msg, source):
-    if msg.missing_keys:
-        raise RuntimeError(f"checkpoint {source} lacks {len(msg.missing_keys)} weights of the model "
-                           f"(first: {msg.missing_keys[:5]})")
+def require_weights(model, msg, source, what=''):
+    """CheckpointError unless the load (`msg`, load_checkpoint's) left no parameter of `model` at
+    its initial value: a model used with random weights would give meaningless outputs. The
+    message names the checkpoint, the model class and the missing modules with counts, then
+    `what` (why it matters there)."""
+    missing = missing_parameters(model, msg)
+    if missing:
+        modules = {}
+        for key in missing:
+            modules[key.split('.')[0]] = modules.get(key.split('.')[0], 0) + 1
+        parts = ', '.join(f'{name} ({count})' for name, count in modules.items())
+        raise CheckpointError(f"checkpoint {source} lacks {len(missing)} weights of {type(model).__name__}: {parts}"
+                              + (f"; {what}" if what else ''))
 
 
 # ----------------------------------------------------------------------------- builders

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config
+from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config, require_weights
 from models.med import BertModel
 
 
@@ -62,7 +62,5 @@ def blip_itm(pretrained='', **kwargs):
     model = BLIP_ITM(**kwargs)
     if pretrained:
         model, msg = load_checkpoint(model, pretrained)
-        if msg.missing_keys:
-            raise RuntimeError(f"checkpoint {pretrained} lacks {len(msg.missing_keys)} weights of BLIP_ITM "
-                               f"(first: {msg.missing_keys[:5]})")
+        require_weights(model, msg, pretrained)
     return model

@@ -108,14 +108,12 @@ def resolve(model, task, config=None):
 def load_model(model, task, config=None, device='cpu'):
     """The model for `task` ('caption', 'vqa' or 'itm') from a zoo name or a checkpoint, in eval
     mode on `device`, and the image transform it expects (PIL image -> normalised tensor)."""
-    from models.blip import BLIP_Decoder, load_checkpoint
+    from models.blip import BLIP_Decoder, load_checkpoint, require_weights
     from models.blip_itm import BLIP_ITM
     from models.blip_vqa import BLIP_VQA
 
     checkpoint, kwargs = resolve(model, task, config)
     net = {'caption': BLIP_Decoder, 'vqa': BLIP_VQA, 'itm': BLIP_ITM}[task](**kwargs)
     net, msg = load_checkpoint(net, checkpoint)
-    if msg.missing_keys:  # inference with freshly initialised weights would be meaningless
-        raise RuntimeError(f"checkpoint {checkpoint} is not a {task} model: it lacks {len(msg.missing_keys)} "
-                           f"weights of {type(net).__name__} (first: {', '.join(msg.missing_keys[:3])})")
+    require_weights(net, msg, checkpoint, f'it is not a {task} model')
     return net.to(torch.device(device)).eval(), eval_transform(kwargs['image_size'])

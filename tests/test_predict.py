@@ -241,7 +241,7 @@ def test_wrong_model_and_bad_arguments_are_refused(checkpoints, images, capsys):
     code, lines, err = run_predict(capsys, 'vqa', '--model', checkpoints['caption'], '--config', CONFIGS['vqa'],
                                    '--question', 'what?', paths[0])
     assert code == 2 and not lines
-    assert f"checkpoint {checkpoints['caption']} is not a vqa model" in err and 'BLIP_VQA' in err
+    assert f"checkpoint {checkpoints['caption']} lacks" in err and 'BLIP_VQA' in err and 'not a vqa model' in err
     code, _, err = run_predict(capsys, 'match', '--model', checkpoints['itm'], '--config', CONFIGS['itm'], paths[0])
     assert code == 2 and 'match needs --text TEXT' in err and paths[0] in err
     code, _, err = run_predict(capsys, 'caption', '--model', checkpoints['caption'], paths[0])
