@@ -50,6 +50,7 @@ ENGINE_DEFAULTS = {
     'clip_grad_norm': None,   # max global gradient norm; None: no clipping (the original)
     'text_grad_ckpt': False,  # activation checkpointing of the text transformer layers
     'num_workers': 4,         # data loader workers per split (the original's value)
+    'save_safetensors': False,  # also write checkpoint_best.safetensors (the weights alone)
     'synthetic': None,        # toy configs: {root, seed, num_images, ...} of data/synthetic.py,
                               # generated on first use (see prepare_synthetic_data)
 }
@@ -619,6 +620,10 @@ def update_best(state, score, epoch, output_dir, model_without_ddp, optimizer, c
     state.best, state.best_epoch = score, epoch
     if save:
         save_model(os.path.join(output_dir, BEST_CHECKPOINT), model_without_ddp, optimizer, config, epoch)
+        if config.get('save_safetensors') and utils.is_main_process():
+            # the weights alone, safe to share and load anywhere a .pth goes (pretrained:, predict.py)
+            utils.save_safetensors(model_without_ddp.state_dict(),
+                                   os.path.join(output_dir, BEST_CHECKPOINT.replace('.pth', '.safetensors')))
     return True
 
 

@@ -242,3 +242,17 @@ def test_official_configs_pass_the_key_checks(name):
     _, config = script_config(train_retrieval, f'configs/{name}.yaml')
     assert config['amp'] == 'none' and config['accum_steps'] == 1 and config['embed_dim'] == 256
     assert config['k_test'] == (256 if name == 'retrieval_coco' else 128)
+
+
+def test_best_weights_as_safetensors_evaluate_like_the_pth(toy_config, tmp_path):
+    out = tmp_path / 'train'
+    train_retrieval.run(['--config', str(toy_config), '--output_dir', str(out), '--device', 'cpu',
+                         'save_safetensors=true'])
+    assert (out / 'checkpoint_best.safetensors').is_file()
+    results = {}
+    for name in ('checkpoint_best.pth', 'checkpoint_best.safetensors'):
+        evaluation_dir = tmp_path / name
+        train_retrieval.run(['--config', str(toy_config), '--output_dir', str(evaluation_dir), '--device', 'cpu',
+                             '--evaluate', f'pretrained={out / name}'])
+        results[name] = (evaluation_dir / 'evaluate.txt').read_text()
+    assert results['checkpoint_best.safetensors'] == results['checkpoint_best.pth']
