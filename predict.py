@@ -3,6 +3,7 @@
     python predict.py caption --model caption_base photos/
     python predict.py vqa --model vqa_base --question "what is the man holding?" photo.jpg
     python predict.py match --model itm_base --text "a dog on a beach" photos/*.jpg
+    python predict.py classify --model itm_base --labels "dog,cat,bird" --template "a picture of a {}" photos/
     python predict.py models                      # the zoo: every official checkpoint by name
 
 --model is a zoo name (downloaded once) or a checkpoint (.pth or .safetensors, local or URL) with --config, a
@@ -24,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import ranking
 from data.user_inputs import ImageReadError, InputError, collect_inputs, is_url, read_image
 from models import zoo
 from utils import ConfigError, load_config
@@ -64,11 +66,37 @@ def match(model, images, records, args):
             for r, p, s in zip(records, itm, itc)]
 
 
+def classify(model, images, records, args):
+    """Zero-shot classification, the evaluation's two stages: ITC shortlists `--k` labels per
+    image, ITM (with [ENC] first, as ranking.py scores pairs) re-ranks them; `prob` is p(match)
+    normalised over the shortlist."""
+    if not hasattr(args, 'label_features'):  # the labels' text features, once per run
+        prompts = [args.template.format(label) for label in args.label_list]
+        args.label_features = ranking.text_features(model, prompts, images.device, {}, quiet=True)
+    label_ids, label_atts, label_embeds = args.label_features
+    image_feats = model.visual_encoder(images)
+    image_embeds = F.normalize(model.vision_proj(image_feats[:, 0, :]).float(), dim=-1)
+    sims, shortlist = (image_embeds @ label_embeds.t()).topk(min(args.k, len(args.label_list)), dim=1)
+    pair_images = torch.arange(len(images))[:, None].expand_as(shortlist).flatten()
+    logits = ranking.score_pairs(model, image_feats, label_ids, label_atts, pair_images, shortlist.flatten().cpu(),
+                                 images.device, {'amp': args.amp}, quiet=True)
+    p_match = logits.softmax(dim=-1)[:, 1].view_as(sims)
+    results = []
+    for record, row_labels, row_itm, row_itc in zip(records, shortlist.tolist(), p_match.tolist(), sims.tolist()):
+        total = sum(row_itm) or 1.0
+        ranked = sorted(zip(row_labels, row_itm, row_itc), key=lambda item: -item[1])
+        labels = [{'label': args.label_list[i], 'prob': round(p / total, 6), 'itm': round(p, 6), 'itc': round(c, 6)}
+                  for i, p, c in ranked]
+        results.append({'image': record['image'], 'label': labels[0]['label'], 'labels': labels})
+    return results
+
+
 TASKS = {
     # name: (function, model kind of models.zoo, the fields an input record carries besides 'image')
     'caption': (caption, 'caption', ()),
     'vqa': (vqa, 'vqa', ('question',)),
     'match': (match, 'itm', ('text',)),
+    'classify': (classify, 'itm', ()),
 }
 
 
@@ -175,6 +203,8 @@ def run(args):
             config['prompt'] = args.prompt
     if args.task == 'vqa':
         args.answer_list = load_answer_list(args.answers) if args.answers else None
+    if args.task == 'classify':
+        args.label_list = load_labels(args.labels)
 
     records = records_for(args, fields)
     writer = ResultWriter(args.out, ('image',) + fields)
@@ -211,6 +241,20 @@ def run(args):
     print(f"{len(todo) - failed} done, {failed} failed, {len(records) - len(todo)} already in {args.out}"
           if args.out else f"{len(todo) - failed} done, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def load_labels(labels):
+    """Class names: a comma-separated list, or a file (.json list, or one per line)."""
+    if os.path.isfile(labels):
+        with open(labels, encoding='utf-8') as f:
+            text = f.read()
+        names = json.loads(text) if labels.endswith('.json') else text.splitlines()
+    else:
+        names = labels.split(',')
+    names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
+    if len(names) < 2:
+        raise InputError(f"--labels {labels!r}: give at least two class names (comma-separated, or a file)")
+    return names
 
 
 def load_answer_list(path):
@@ -260,6 +304,11 @@ def parse_args(argv=None):
     p = task_parser('match', 'image-text matching: ITM p(match) and ITC cosine')
     p.add_argument('--text', help='the text (or give .jsonl inputs with "text")')
 
+    p = task_parser('classify', 'zero-shot classification: ITC shortlist re-ranked by ITM')
+    p.add_argument('--labels', required=True, help='"a dog,a cat,..." or a file (.json list or one per line)')
+    p.add_argument('--template', default='{}', help='text for each label, e.g. "a picture of a {}"')
+    p.add_argument('--k', type=int, default=10, help='labels shortlisted by ITC and re-ranked by ITM')
+
     args = parser.parse_args(argv)
     if args.task != 'models':
         _check(parser, args)
@@ -276,6 +325,8 @@ def _check(parser, args):
             parser.error(f"--beams must be >= 1, got {args.beams}")
         if not 0 < args.top_p <= 1:
             parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.task == 'classify' and (args.k < 1 or '{}' not in args.template):
+        parser.error(f"--k must be >= 1 (got {args.k}) and --template must hold {{}} (got {args.template!r})")
     if args.task == 'vqa' and args.k_test < 1:
         parser.error(f"--k_test must be >= 1, got {args.k_test}")
 

@@ -163,6 +163,43 @@ def test_match_gives_itm_probability_and_itc_cosine(checkpoints, images, capsys)
     assert all(0 <= line['itm'] <= 1 and -1 <= line['itc'] <= 1 for line in lines)
 
 
+def test_classify_shortlists_by_itc_and_reranks_by_itm(checkpoints, images, capsys, tmp_path):
+    import ranking
+    _, paths = images
+    labels = ['red', 'green', 'blue', 'yellow', 'purple']
+    code, lines, _ = run_predict(capsys, 'classify', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                 '--labels', ','.join(labels), '--template', 'a {} circle', '--k', 3, *paths[:4])
+    assert code == 0 and len(lines) == 4
+    model, transform = _loaded('itm', checkpoints['itm'])
+    batch = _batch(transform, paths[:4])
+    with torch.no_grad():  # the reference: ITC cosine to every label, ITM p(match) with [ENC] first
+        prompts = [f'a {label} circle' for label in labels]
+        ids, atts, text_embeds = ranking.text_features(model, prompts, torch.device('cpu'), {}, quiet=True)
+        feats = model.visual_encoder(batch)
+        sims = F.normalize(model.vision_proj(feats[:, 0]), dim=-1) @ text_embeds.t()
+    for row, line in enumerate(lines):
+        shortlist = sims[row].topk(3).indices.tolist()
+        assert sorted(item['label'] for item in line['labels']) == sorted(labels[i] for i in shortlist)
+        with torch.no_grad():
+            logits = ranking.score_pairs(model, feats[row:row + 1], ids, atts, torch.zeros(3, dtype=torch.long),
+                                         torch.tensor(shortlist), torch.device('cpu'), {}, quiet=True)
+        p_match = dict(zip((labels[i] for i in shortlist), logits.softmax(-1)[:, 1].tolist()))
+        ranked = [item['itm'] for item in line['labels']]
+        assert ranked == sorted(ranked, reverse=True)  # re-ranked by ITM
+        for item in line['labels']:
+            assert item['itm'] == pytest.approx(p_match[item['label']], abs=1e-5)
+            assert item['itc'] == pytest.approx(float(sims[row, labels.index(item['label'])]), abs=1e-5)
+        assert sum(item['prob'] for item in line['labels']) == pytest.approx(1, abs=1e-4)
+        assert line['label'] == line['labels'][0]['label']
+    (tmp_path / 'labels.txt').write_text('dog\n\ncat\n')
+    code, lines, _ = run_predict(capsys, 'classify', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                 '--labels', tmp_path / 'labels.txt', paths[0])
+    assert code == 0 and {item['label'] for item in lines[0]['labels']} == {'dog', 'cat'}
+    code, _, err = run_predict(capsys, 'classify', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                               '--labels', 'dog', paths[0])
+    assert code == 2 and 'at least two class names' in err
+
+
 def test_folders_globs_lists_and_urls(checkpoints, images, capsys, tmp_path):
     root, paths = images
     common = ['caption', '--model', checkpoints['caption'], '--config', CONFIGS['caption'], '--quiet']
