@@ -169,11 +169,16 @@ def _type_name(types):
     return " or ".join(t.__name__ for t in types)
 
 
-def check_entries(entries, path, fields, start=0):
+# Text fields of annotation files that must not be empty (an empty caption trains on nothing)
+TEXT_FIELDS = ("caption", "sentence", "question")
+
+
+def check_entries(entries, path, fields, start=0, allow_empty=False):
     """Every entry is a dict with each field of `fields` {name: type or tuple of types}.
 
-    A field type `list` means a list of strings (captions, answers). Raises DataError
-    naming the file, the entry index and the field.
+    A field type `list` means a list of strings (captions, answers). A field of TEXT_FIELDS
+    must hold text, not "" (in a list, no element may be empty), unless `allow_empty` (a
+    model's generated captions). Raises DataError naming the file, the entry index and the field.
     """
     for index, entry in enumerate(entries, start):
         if not isinstance(entry, dict):
@@ -192,6 +197,9 @@ def check_entries(entries, path, fields, start=0):
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
                 raise DataError(f"{path}: entry {index} field '{field}' should be a list "
                                 f"of strings, got {value!r:.80}")
+            if not allow_empty and field in TEXT_FIELDS and any(not v.strip() for v in (value if isinstance(value, list) else [value])
+                                            if isinstance(v, str)):
+                raise DataError(f"{path}: entry {index} field '{field}' is empty")
     return entries
 
 
@@ -344,7 +352,7 @@ def caption_eval(gt_file, results_file, use_spice=None):
     if not isinstance(results, list) or not results:
         raise DataError(f"{results_file}: expected a non-empty JSON list of "
                         f"{{'image_id', 'caption'}} results")
-    check_entries(results, results_file, {"image_id": int, "caption": str})
+    check_entries(results, results_file, {"image_id": int, "caption": str}, allow_empty=True)
 
     coco = COCO(gt_file)
     gt_ids = set(coco.getImgIds())

@@ -248,3 +248,14 @@ def test_truncated_jpeg_refused_by_task_data_loaded_with_a_warning_for_web_data(
     assert image.size == (96, 96) and caption == 'a noisy web image'
     assert 'cut.jpg (entry 0 of' in capsys.readouterr().out
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # only for that load
+
+
+@pytest.mark.parametrize('caption', ['', '   ', ['a dog', '']])
+def test_an_empty_caption_is_an_error_naming_file_entry_and_field(tmp_path, caption):
+    import json
+
+    from data.utils import DataError, load_json_list
+    path = tmp_path / 'ann.json'
+    path.write_text(json.dumps([{'image': 'a.jpg', 'caption': 'a cat'}, {'image': 'b.jpg', 'caption': caption}]))
+    with pytest.raises(DataError, match=r"ann.json: entry 1 field 'caption' is empty"):
+        load_json_list(str(path), {'image': str, 'caption': (str, list)})
