@@ -3,6 +3,8 @@
     python predict.py caption --model caption_base photos/
     python predict.py vqa --model vqa_base --question "what is the man holding?" photo.jpg
     python predict.py match --model itm_base --text "a dog on a beach" photos/*.jpg
+    python predict.py index --model itm_base photos/ --out gallery.safetensors
+    python predict.py search --model itm_base --index gallery.safetensors --query "a dog on a beach" --k 5
     python predict.py classify --model itm_base --labels "dog,cat,bird" --template "a picture of a {}" photos/
     python predict.py models                      # the zoo: every official checkpoint by name
 
@@ -98,6 +100,95 @@ TASKS = {
     'match': (match, 'itm', ('text',)),
     'classify': (classify, 'itm', ()),
 }
+
+
+# ----------------------------------------------------------------------------- embeddings and search
+
+def image_embeddings(model, transform, paths, args, device):
+    """(normalised ITC image embeddings of the readable images, their paths, how many failed)."""
+    embeds, kept, failed = [], [], 0
+    progress = Progress(len(paths), enabled=not args.quiet)
+    for start in range(0, len(paths), args.batch_size):
+        tensors = []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                tensors.append(transform(read_image(path)))
+                kept.append(path)
+            except ImageReadError as error:
+                failed += 1
+                print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
+        if tensors:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+                feats = model.visual_encoder(torch.stack(tensors).to(device))
+                embeds.append(F.normalize(model.vision_proj(feats[:, 0, :]).float(), dim=-1).cpu())
+        progress.update(len(paths[start:start + args.batch_size]))
+    width = model.vision_proj.out_features
+    return (torch.cat(embeds) if embeds else torch.zeros(0, width)), kept, failed
+
+
+def run_features(args):
+    """features / index: ITC embeddings of images (and --texts) to .safetensors or .npy."""
+    from safetensors.torch import save_file
+    device = torch.device(args.device)
+    config = load_config(args.config) if args.config else {}
+    paths = [record['image'] for record in collect_inputs(args.inputs, fields=[])] if args.inputs else []
+    texts = load_labels(args.texts, at_least=1) if getattr(args, 'texts', None) else []
+    with contextlib.redirect_stdout(sys.stderr):
+        model, transform = zoo.load_model(args.model, 'itm', config=config, device=device)
+    tensors, failed = {}, 0
+    if paths:
+        tensors['image_embeds'], paths, failed = image_embeddings(model, transform, paths, args, device)
+    if texts:
+        with torch.no_grad():
+            tensors['text_embeds'] = ranking.text_features(model, texts, device, {'amp': args.amp}, quiet=True)[2].cpu()
+    if not tensors:
+        raise InputError('nothing to embed: give images and/or --texts')
+    meta = {'model': str(args.model), 'images': json.dumps(paths), 'texts': json.dumps(texts)}
+    if args.out.endswith('.safetensors'):
+        save_file({key: value.contiguous() for key, value in tensors.items()}, args.out, metadata=meta)
+    else:  # .npy: one array (images, else texts) and the row names beside it
+        import numpy as np
+        key = 'image_embeds' if paths else 'text_embeds'
+        np.save(args.out, tensors[key].numpy())
+        with open(os.path.splitext(args.out)[0] + '.rows.json', 'w', encoding='utf-8') as f:
+            json.dump(paths if paths else texts, f)
+    print(f"{len(paths)} images, {len(texts)} texts embedded to {args.out}, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_search(args):
+    """Text-to-image search over an index: ITC shortlist of --k_test images, re-ranked by ITM
+    (logit + similarity, the retrieval evaluation's score); the best --k as JSON lines."""
+    from safetensors import safe_open
+    device = torch.device(args.device)
+    config = load_config(args.config) if args.config else {}
+    try:
+        with safe_open(args.index, framework='pt') as f:
+            meta, image_embeds = f.metadata() or {}, f.get_tensor('image_embeds')
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise InputError(f"--index {args.index}: not an index written by `predict.py index` ({error})") from error
+    paths = json.loads(meta.get('images', '[]'))
+    if meta.get('model') not in (None, str(args.model)):
+        print(f"predict.py search: note: the index was built with --model {meta['model']}", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        model, transform = zoo.load_model(args.model, 'itm', config=config, device=device)
+    queries = [args.query] if args.query else load_labels(args.queries, at_least=1)
+    with torch.no_grad():
+        ids, atts, query_embeds = ranking.text_features(model, queries, device, {'amp': args.amp}, quiet=True)
+        sims, shortlist = ranking.shortlist(query_embeds.cpu(), image_embeds, args.k_test)
+        for q, query in enumerate(queries):
+            images = torch.stack([transform(read_image(paths[i])) for i in shortlist[q].tolist()]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+                feats = model.visual_encoder(images)
+            logits = ranking.score_pairs(model, feats, ids[q:q + 1], atts[q:q + 1], torch.arange(len(images)),
+                                         torch.zeros(len(images), dtype=torch.long), device, {'amp': args.amp},
+                                         quiet=True)
+            scores = logits[:, 1] + sims[q]
+            for rank, i in enumerate(scores.argsort(descending=True)[:args.k].tolist()):
+                print(json.dumps({'query': query, 'rank': rank + 1, 'image': paths[int(shortlist[q, i])],
+                                  'score': round(float(scores[i]), 6),
+                                  'itm': round(float(logits[i].softmax(-1)[1]), 6), 'itc': round(float(sims[q, i]), 6)}))
+    return 0
 
 
 # ----------------------------------------------------------------------------- output
@@ -243,8 +334,8 @@ def run(args):
     return 1 if failed else 0
 
 
-def load_labels(labels):
-    """Class names: a comma-separated list, or a file (.json list, or one per line)."""
+def load_labels(labels, at_least=2):
+    """Class names (or texts): a comma-separated list, or a file (.json list, or one per line)."""
     if os.path.isfile(labels):
         with open(labels, encoding='utf-8') as f:
             text = f.read()
@@ -252,8 +343,9 @@ def load_labels(labels):
     else:
         names = labels.split(',')
     names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
-    if len(names) < 2:
-        raise InputError(f"--labels {labels!r}: give at least two class names (comma-separated, or a file)")
+    if len(names) < at_least:
+        raise InputError(f"{labels!r}: give at least {at_least} (comma-separated, or a file)"
+                         + (" class names" if at_least > 1 else ""))
     return names
 
 
@@ -273,9 +365,10 @@ def parse_args(argv=None):
     tasks = parser.add_subparsers(dest='task', required=True)
     tasks.add_parser('models', help='list the model zoo')
 
-    def task_parser(name, help_text):
+    def task_parser(name, help_text, inputs='+'):
         p = tasks.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument('inputs', nargs='+', help='image files, folders, globs, URLs, .txt or .jsonl lists')
+        if inputs:
+            p.add_argument('inputs', nargs=inputs, help='image files, folders, globs, URLs, .txt or .jsonl lists')
         p.add_argument('--model', required=True, help='zoo name (see `predict.py models`) or checkpoint')
         p.add_argument('--config', help='task config with the model keys (needed for a checkpoint file)')
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -304,6 +397,20 @@ def parse_args(argv=None):
     p = task_parser('match', 'image-text matching: ITM p(match) and ITC cosine')
     p.add_argument('--text', help='the text (or give .jsonl inputs with "text")')
 
+    p = task_parser('features', 'ITC embeddings (normalised) of images and/or texts to a file', inputs='*')
+    p.add_argument('--texts', help='texts to embed too: a file (one per line, or a .json list) or "a,b,c"')
+    p.set_defaults(out_required=True)
+
+    p = task_parser('index', 'embed a gallery of images for `search`')
+    p.set_defaults(out_required=True)
+
+    p = task_parser('search', 'text-to-image search over an index: ITC shortlist re-ranked by ITM', inputs=None)
+    p.add_argument('--index', required=True, help='a .safetensors index written by `predict.py index`')
+    p.add_argument('--query', help='the text to search for (or --queries FILE)')
+    p.add_argument('--queries', help='texts to search for: a file, one per line')
+    p.add_argument('--k', type=int, default=10, help='results per query')
+    p.add_argument('--k_test', type=int, default=64, help='images shortlisted by ITC, then re-ranked by ITM')
+
     p = task_parser('classify', 'zero-shot classification: ITC shortlist re-ranked by ITM')
     p.add_argument('--labels', required=True, help='"a dog,a cat,..." or a file (.json list or one per line)')
     p.add_argument('--template', default='{}', help='text for each label, e.g. "a picture of a {}"')
@@ -318,6 +425,12 @@ def parse_args(argv=None):
 def _check(parser, args):
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if getattr(args, 'out_required', False) and not (args.out and args.out.endswith(('.safetensors', '.npy'))):
+        parser.error(f"{args.task} needs --out FILE.safetensors" + (" (or .npy)" if args.task == 'features' else ""))
+    if args.task == 'index' and not args.out.endswith('.safetensors'):
+        parser.error("index needs --out FILE.safetensors")
+    if args.task == 'search' and (not (args.query or args.queries) or args.k < 1 or args.k_test < 1):
+        parser.error("search needs --query TEXT (or --queries FILE), --k >= 1 and --k_test >= 1")
     if args.task == 'caption':
         if args.num_captions < 1:
             parser.error(f"--num_captions must be >= 1, got {args.num_captions}")
@@ -337,6 +450,10 @@ def main(argv=None):
         print(zoo.describe())
         return 0
     try:
+        if args.task in ('features', 'index'):
+            return run_features(args)
+        if args.task == 'search':
+            return run_search(args)
         return run(args)
     except (InputError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"predict.py {args.task}: {error}", file=sys.stderr)

@@ -200,6 +200,55 @@ def test_classify_shortlists_by_itc_and_reranks_by_itm(checkpoints, images, caps
     assert code == 2 and 'at least two class names' in err
 
 
+def test_features_index_and_search(checkpoints, images, capsys, tmp_path):
+    import numpy as np
+    from safetensors import safe_open
+
+    import ranking
+    root, paths = images
+    model, transform = _loaded('itm', checkpoints['itm'])
+    with torch.no_grad():
+        feats = model.visual_encoder(_batch(transform, paths))
+        expected = F.normalize(model.vision_proj(feats[:, 0]), dim=-1)
+
+    out = tmp_path / 'features.safetensors'
+    code, _, err = run_predict(capsys, 'features', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                               '--texts', 'a red circle,two blue squares', '--out', out, *paths)
+    assert code == 0 and '6 images, 2 texts' in err
+    with safe_open(str(out), framework='pt') as f:
+        rows = json.loads(f.metadata()['images'])
+        torch.testing.assert_close(f.get_tensor('image_embeds')[[rows.index(p) for p in paths]], expected,
+                                   atol=1e-5, rtol=0)
+        assert f.get_tensor('text_embeds').shape == (2, expected.shape[1])
+    code, _, _ = run_predict(capsys, 'features', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                             '--out', tmp_path / 'features.npy', *paths[:2])
+    assert code == 0 and np.load(tmp_path / 'features.npy').shape == (2, expected.shape[1])
+    assert json.loads((tmp_path / 'features.rows.json').read_text()) == paths[:2]
+
+    index = tmp_path / 'gallery.safetensors'
+    code, _, _ = run_predict(capsys, 'index', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                             '--out', index, root)
+    assert code == 0
+    code, lines, _ = run_predict(capsys, 'search', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                 '--index', index, '--query', 'a red circle', '--k', 3, '--k_test', 4)
+    assert code == 0 and [line['rank'] for line in lines] == [1, 2, 3]
+    scores = [line['score'] for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    with torch.no_grad():  # the reference: ITC top 4, then ITM logit + similarity
+        ids, atts, query = ranking.text_features(model, ['a red circle'], torch.device('cpu'), {}, quiet=True)
+        sims = (expected @ query[0]).tolist()
+        top4 = sorted(range(6), key=lambda i: -sims[i])[:4]
+        for line in lines:
+            i = paths.index(line['image'])
+            assert i in top4 and line['itc'] == pytest.approx(sims[i], abs=1e-5)
+            logits = ranking.score_pairs(model, feats[i:i + 1], ids, atts, torch.zeros(1, dtype=torch.long),
+                                         torch.zeros(1, dtype=torch.long), torch.device('cpu'), {}, quiet=True)
+            assert line['score'] == pytest.approx(float(logits[0, 1]) + sims[i], abs=1e-4)
+    code, _, err = run_predict(capsys, 'search', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                               '--index', tmp_path / 'features.npy', '--query', 'x')
+    assert code == 2 and 'not an index' in err
+
+
 def test_folders_globs_lists_and_urls(checkpoints, images, capsys, tmp_path):
     root, paths = images
     common = ['caption', '--model', checkpoints['caption'], '--config', CONFIGS['caption'], '--quiet']
