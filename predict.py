@@ -344,8 +344,8 @@ def load_labels(labels, at_least=2):
         names = labels.split(',')
     names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
     if len(names) < at_least:
-        raise InputError(f"{labels!r}: give at least {at_least} (comma-separated, or a file)"
-                         + (" class names" if at_least > 1 else ""))
+        what = 'class names' if at_least > 1 else 'text'
+        raise InputError(f"{labels!r}: give at least {at_least} {what} (comma-separated, or a file)")
     return names
 
 
