@@ -111,8 +111,13 @@ def parse_args_and_config(description, default_config, default_output_dir, defau
         if add_args is not None:
             add_args(parser)
 
+    # --help ends with the calling script's examples (the command lines of its docstring)
+    caller_doc = inspect.currentframe().f_back.f_globals.get('__doc__') or ''
+    examples = [line.strip() for line in caller_doc.splitlines() if line.startswith(('    python', '    torchrun'))]
+    epilog = 'examples:\n' + '\n'.join(f'  {line}' for line in examples) if examples else None
     args, config = utils.parse_args_and_config(description, default_config, default_output_dir,
-                                               defaults=all_defaults, argv=argv, add_args=add_all_args)
+                                               defaults=all_defaults, argv=argv, add_args=add_all_args,
+                                               epilog=epilog)
     check_config(config, args.config, required, known, all_defaults)
     return args, config
 

@@ -684,14 +684,15 @@ def add_common_args(parser, default_config=None, default_output_dir="output"):
 
 
 def parse_args_and_config(description, default_config, default_output_dir="output",
-                          defaults=None, argv=None, add_args=None):
+                          defaults=None, argv=None, add_args=None, epilog=None):
     """Parse the command line and load the config it names, overrides applied.
 
     add_args: optional function(parser) adding script-specific arguments.
     Returns (args, config); args.overrides holds every override given. Writes nothing:
     call save_config(config, args.output_dir) on the main process.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, default_config, default_output_dir)
     if add_args is not None:
         add_args(parser)

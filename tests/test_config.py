@@ -325,3 +325,15 @@ def test_every_official_and_toy_config_passes_the_value_checks():
     assert len(configs) > 15
     for path in configs:
         engine.check_config(utils.load_config(str(path), defaults=engine.ENGINE_DEFAULTS), path)
+
+
+@pytest.mark.parametrize('script', ['train_retrieval', 'train_caption', 'train_vqa', 'train_nlvr', 'pretrain',
+                                    'eval_nocaps', 'eval_retrieval_video', 'capfilt'])
+def test_help_ends_with_the_scripts_examples(script, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.run(['--help'])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert 'examples:' in out and f'{script}.py --config configs/' in out.split('examples:')[1]
