@@ -181,8 +181,18 @@ def setup(args, config):
 
     os.makedirs(args.output_dir, exist_ok=True)
     if utils.is_main_process():
+        remove_stale_temporaries(args.output_dir)
         utils.save_config(config, args.output_dir)
     return device
+
+
+def remove_stale_temporaries(output_dir):
+    """Delete the temporary files an atomic save leaves when its process is killed mid-write
+    (`.NAME.XXXX.tmp` beside NAME); the files they were to replace are intact."""
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith('.') and name.endswith('.tmp') and os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+            print(f'removed {os.path.join(output_dir, name)}, left by a save that was killed mid-write')
 
 
 def is_url(value):

@@ -512,3 +512,12 @@ def test_ddp_starts_every_rank_with_rank_0s_parameters_and_buffers(tmp_path):
     run_script('tests/dist_worker_engine.py', result_file, nproc=2, timeout=300)
     result = json.loads(result_file.read_text())
     assert result == {'queues_equal': True, 'weights_equal': True}
+
+
+def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
+    import engine
+    for name in ('.checkpoint_last.pth.k3j2.tmp', '.config.yaml.x1.tmp', 'checkpoint_last.pth', 'notes.tmp', '.keep'):
+        (tmp_path / name).write_text('x')
+    engine.remove_stale_temporaries(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.keep', 'checkpoint_last.pth', 'notes.tmp']
+    assert '.checkpoint_last.pth.k3j2.tmp' in capsys.readouterr().out
