@@ -91,6 +91,11 @@ def init_distributed_mode(args):
     else:
         args.dist_backend = "gloo"
     dist_url = getattr(args, "dist_url", None) or "env://"
+    minutes = getattr(args, "dist_timeout", None)
+    if minutes is not None:
+        if not minutes > 0:
+            raise ValueError(f"--dist_timeout must be a positive number of minutes, got {minutes}")
+        init_kwargs["timeout"] = datetime.timedelta(minutes=minutes)
 
     print(f"| distributed init (rank {args.rank}, world {args.world_size}, "
           f"backend {args.dist_backend}): {dist_url}", flush=True)
@@ -674,6 +679,9 @@ def add_common_args(parser, default_config=None, default_output_dir="output"):
                         help="url used to set up distributed training")
     parser.add_argument("--distributed", default=True, type=str2bool, metavar="{true,false}",
                         help="true/false; init_distributed_mode sets it from the environment")
+    parser.add_argument("--dist_timeout", default=30, type=float, metavar="MINUTES",
+                        help="how long a process waits for the others at a collective before the job "
+                             "fails (raise it for long single-rank steps, e.g. merging big outputs)")
     parser.add_argument("--resume", "--checkpoint", dest="resume", default="",
                         help="checkpoint to resume training from (pretrain.py's --checkpoint)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",

@@ -94,3 +94,24 @@ def test_barrier_waits_for_every_rank(worker_results):
 def test_save_on_master_writes_from_rank0(worker_results):
     for res in worker_results:
         assert res["master_ckpt_rank"] == 0
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    import argparse
+    import datetime
+
+    import pytest
+    import utils
+    seen = {}
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    monkeypatch.setattr(utils.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(utils.dist, 'init_process_group', lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(utils, 'barrier', lambda: None)
+    monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
+    args = utils.add_common_args(argparse.ArgumentParser()).parse_args(['--device', 'cpu', '--dist_timeout', '90'])
+    utils.init_distributed_mode(args)
+    assert seen['timeout'] == datetime.timedelta(minutes=90) and seen['backend'] == 'gloo'
+    args.dist_timeout = 0
+    with pytest.raises(ValueError, match='--dist_timeout must be a positive number of minutes, got 0'):
+        utils.init_distributed_mode(args)
