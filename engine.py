@@ -50,6 +50,7 @@ ENGINE_DEFAULTS = {
     'clip_grad_norm': None,   # max global gradient norm; None: no clipping (the original)
     'text_grad_ckpt': False,  # activation checkpointing of the text transformer layers
     'num_workers': 4,         # data loader workers per split (the original's value)
+    'check_images': 'exists',  # before training, every image exists and opens: full | exists | off
     'save_safetensors': False,  # also write checkpoint_best.safetensors (the weights alone)
     'synthetic': None,        # toy configs: {root, seed, num_images, ...} of data/synthetic.py,
                               # generated on first use (see prepare_synthetic_data)
@@ -144,6 +145,15 @@ def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise utils.ConfigError(f'config file {path}: clip_grad_norm must be a positive number '
                                 f'or null; got {clip!r}')
+
+
+def check_images(datasets, config):
+    """Every image of the datasets exists and opens, before any work (`check_images` mode), so
+    an epoch is never lost to a missing val/test image. Every rank checks (each then fails alike,
+    none waits at a collective for one that failed)."""
+    from data.utils import check_image_files
+    files = [item for dataset in datasets if hasattr(dataset, 'image_files') for item in dataset.image_files()]
+    check_image_files(files, config.get('check_images', 'exists'))
 
 
 def check_value(value, key, path, integer, lowest, lowest_allowed=True, highest=None):

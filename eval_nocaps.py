@@ -46,6 +46,7 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating captioning dataset')
     datasets = create_dataset('nocaps', config)
+    engine.check_images(datasets, config)
     # each rank captions its share; the padded repeats are dropped by save_result
     samplers = create_sampler(datasets, [False, False], utils.get_world_size(), utils.get_rank())
     loaders = create_loader(datasets, samplers, batch_size=[config['batch_size']] * 2,

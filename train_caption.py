@@ -62,6 +62,7 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating captioning dataset')
     train_dataset, val_dataset, test_dataset = create_dataset('caption_coco', config)
+    engine.check_images([train_dataset, val_dataset, test_dataset], config)
     # val/test are split over ranks too; the padded repeats are dropped by save_result
     samplers = create_sampler([train_dataset, val_dataset, test_dataset], [True, False, False],
                               utils.get_world_size(), utils.get_rank())

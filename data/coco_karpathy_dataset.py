@@ -53,6 +53,11 @@ class karpathy_train(Dataset):
     def __len__(self):
         return len(self.annotation)
 
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+                for i, ann in enumerate(self.annotation)]
+
     def __getitem__(self, index):
         ann = self.annotation[index]
         image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
@@ -86,6 +91,11 @@ class coco_karpathy_caption_eval(Dataset):
     def __len__(self):
         return len(self.annotation)
 
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+                for i, ann in enumerate(self.annotation)]
+
     def __getitem__(self, index):
         ann = self.annotation[index]
         image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
@@ -118,6 +128,11 @@ class retrieval_eval_dataset(Dataset):
 
     def __len__(self):
         return len(self.annotation)
+
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+                for i, ann in enumerate(self.annotation)]
 
     def __getitem__(self, index):
         path = os.path.join(self.image_root, self.annotation[index]["image"])

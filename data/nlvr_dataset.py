@@ -43,6 +43,11 @@ class nlvr_dataset(Dataset):
     def __len__(self):
         return len(self.annotation)
 
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        return [(os.path.join(self.image_root, name), self.ann_file, i)
+                for i, ann in enumerate(self.annotation) for name in ann["images"]]
+
     def __getitem__(self, index):
         ann = self.annotation[index]
         image0, image1 = (

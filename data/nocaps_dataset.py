@@ -33,6 +33,11 @@ class nocaps_eval(Dataset):
     def __len__(self):
         return len(self.annotation)
 
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+                for i, ann in enumerate(self.annotation)]
+
     def __getitem__(self, index):
         ann = self.annotation[index]
         image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)

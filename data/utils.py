@@ -17,9 +17,11 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -245,6 +247,43 @@ def load_image(image_path, ann_file, index):
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"Cannot read image {image_path} (entry {index} of {ann_file}): "
                         f"{error}") from error
+
+
+def check_image_files(files, mode="exists", workers=16):
+    """Before any training: every image of `files` [(path, annotation file, entry)] exists
+    and PIL reads its header (mode "exists"), or decodes whole (mode "full"); "off" skips the
+    check. One DataError lists the first failures (file and entry) and the count."""
+    if mode == "off":
+        return
+    if mode not in ("exists", "full"):
+        raise ValueError(f"check_images must be full, exists or off, not {mode!r}")
+    unique = list({path: (path, ann_file, entry) for path, ann_file, entry in reversed(files)}.values())[::-1]
+
+    def problem(item):
+        path, ann_file, entry = item
+        try:
+            if mode == "full":
+                load_image(path, ann_file, entry)
+            else:
+                with Image.open(path):  # reads the header only
+                    pass
+        except DataError as error:
+            return str(error)
+        except FileNotFoundError:
+            return f"Image not found: {path} (entry {entry} of {ann_file})"
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return f"Cannot read image {path} (entry {entry} of {ann_file}): {error}"
+        return None
+
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for p in pool.map(problem, unique) if p]
+    print(f"checked {len(unique)} images ({mode}) in {time.time() - start:.1f} s", flush=True)
+    if problems:
+        listed = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} of {len(unique)} images cannot be used:\n  {listed}{more}\n"
+                        f"(fix or remove those entries; check_images=off skips this check)")
 
 
 # --------------------------------------------------------------------------------------

@@ -92,6 +92,14 @@ class vqa_dataset(Dataset):
     def __len__(self):
         return len(self.annotation)
 
+    def image_files(self):
+        """(path, annotation file, entry) of every image, for check_image_files."""
+        files = []
+        for index, ann in enumerate(self.annotation):
+            root = self.vqa_root if ann["dataset"] == "vqa" else self.vg_root
+            files.append((os.path.join(root, ann["image"]), *self._source(index)))
+        return files
+
     def __getitem__(self, index):
         ann = self.annotation[index]
         root = self.vqa_root if ann["dataset"] == "vqa" else self.vg_root

@@ -256,3 +256,24 @@ def test_best_weights_as_safetensors_evaluate_like_the_pth(toy_config, tmp_path)
                              '--evaluate', f'pretrained={out / name}'])
         results[name] = (evaluation_dir / 'evaluate.txt').read_text()
     assert results['checkpoint_best.safetensors'] == results['checkpoint_best.pth']
+
+
+def test_a_missing_val_image_stops_the_run_before_training(toy_config, tmp_path):
+    from data.synthetic import make_synthetic
+    from data.utils import DataError
+    paths = make_synthetic(tmp_path / 'data', num_images=16, num_videos=1, image_size=32)
+    val = json.loads((tmp_path / 'data' / 'annotation' / 'coco_karpathy_val.json').read_text())
+    missing = tmp_path / 'data' / 'images' / val[1]['image']
+    missing.unlink()
+    test = json.loads((tmp_path / 'data' / 'annotation' / 'coco_karpathy_test.json').read_text())
+    broken = tmp_path / 'data' / 'images' / test[0]['image']
+    broken.write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    args = ['--config', str(toy_config), '--output_dir', str(out), '--device', 'cpu',
+            f"image_root={paths['image_root']}", f"ann_root={paths['ann_root']}"]
+    with pytest.raises(DataError) as error:
+        train_retrieval.run(args)
+    message = str(error.value)
+    assert '2 of' in message and str(missing) in message and str(broken) in message
+    assert 'entry 1 of' in message and 'coco_karpathy_val.json' in message and 'coco_karpathy_test.json' in message
+    assert not (out / 'log.txt').exists() and not (out / 'checkpoint_last.pth').exists()
