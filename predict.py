@@ -107,21 +107,13 @@ TASKS = {
 def image_embeddings(model, transform, paths, args, device):
     """(normalised ITC image embeddings of the readable images, their paths, how many failed)."""
     embeds, kept, failed = [], [], 0
-    progress = Progress(len(paths), enabled=not args.quiet)
-    for start in range(0, len(paths), args.batch_size):
-        tensors = []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                tensors.append(transform(read_image(path)))
-                kept.append(path)
-            except ImageReadError as error:
-                failed += 1
-                print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
-        if tensors:
+    for batch, images, unreadable in image_batches(paths, transform, args, path_of=lambda path: path):
+        failed += unreadable
+        kept += batch
+        if batch:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
-                feats = model.visual_encoder(torch.stack(tensors).to(device))
+                feats = model.visual_encoder(images.to(device))
                 embeds.append(F.normalize(model.vision_proj(feats[:, 0, :]).float(), dim=-1).cpu())
-        progress.update(len(paths[start:start + args.batch_size]))
     width = model.vision_proj.out_features
     return (torch.cat(embeds) if embeds else torch.zeros(0, width)), kept, failed
 
@@ -269,6 +261,23 @@ class Progress:
 
 # ----------------------------------------------------------------------------- the run
 
+def image_batches(items, transform, args, path_of):
+    """(readable items, their images stacked or None, how many could not be read) for each
+    --batch_size slice of items; an unreadable image is reported on stderr and left out. The
+    progress line advances once the caller has handled a slice."""
+    progress = Progress(len(items), enabled=not args.quiet)
+    for start in range(0, len(items), args.batch_size):
+        chunk, batch, tensors = items[start:start + args.batch_size], [], []
+        for item in chunk:
+            try:
+                tensors.append(transform(read_image(path_of(item))))
+                batch.append(item)
+            except ImageReadError as error:
+                print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
+        yield batch, (torch.stack(tensors) if tensors else None), len(chunk) - len(batch)
+        progress.update(len(chunk))
+
+
 def records_for(args, fields):
     """Input records with the task's text fields filled from the command line or the lists."""
     records = collect_inputs(args.inputs, fields=[f for f in fields if getattr(args, f, None) is None])
@@ -311,23 +320,14 @@ def run(args):
         model, transform = zoo.load_model(args.model, kind, config=config, device=device)
     torch.manual_seed(args.seed)  # nucleus sampling gives the same captions on every run
     failed = 0
-    progress = Progress(len(todo), enabled=not args.quiet)
-    for start in range(0, len(todo), args.batch_size):
-        batch, tensors = [], []
-        for record in todo[start:start + args.batch_size]:
-            try:
-                tensors.append(transform(read_image(record['image'])))
-                batch.append(record)
-            except ImageReadError as error:
-                failed += 1
-                print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
+    for batch, images, unreadable in image_batches(todo, transform, args, path_of=lambda record: record['image']):
+        failed += unreadable
         if batch:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
-                results = function(model, torch.stack(tensors).to(device), batch, args)
+                results = function(model, images.to(device), batch, args)
             writer.write(results)
             if getattr(args, 'sidecar', False):
                 write_sidecars(results)
-        progress.update(len(todo[start:start + args.batch_size]))
     writer.close()
     print(f"{len(todo) - failed} done, {failed} failed, {len(records) - len(todo)} already in {args.out}"
           if args.out else f"{len(todo) - failed} done, {failed} failed", file=sys.stderr)

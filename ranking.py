@@ -177,8 +177,8 @@ class _ProgressDir:
     stopped, and any other evaluation starts afresh.
     """
 
-    def __init__(self, root, fingerprint):
-        self.folder = os.path.join(root, f'rerank-{fingerprint}') if root else None
+    def __init__(self, folder):
+        self.folder = folder
         self.pending, self.last_save = [], time.time()
 
     def load(self):
@@ -249,8 +249,11 @@ def score_pairs(model, image_feats, text_ids, text_atts, pair_images, pair_texts
     if len(pair_images) == 0:
         return scores
     plan = _forward_plan(pair_images, pair_texts, text_atts.sum(dim=1), batch_pairs)
-    progress = _ProgressDir(progress_dir, _fingerprint(model, pair_images, pair_texts, text_ids,
-                                                       image_feats[pair_images[0]].float()))
+    folder = None
+    if progress_dir:  # the fingerprint reads every parameter: only when progress is kept
+        fingerprint = _fingerprint(model, pair_images, pair_texts, text_ids, image_feats[pair_images[0]].float())
+        folder = os.path.join(progress_dir, f'rerank-{fingerprint}')
+    progress = _ProgressDir(folder)
     done = progress.load()
     unit_number = 0
     for units in _progress(plan, 'Re-ranking:', quiet):

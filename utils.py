@@ -450,7 +450,8 @@ def _safetensors_header(path, head):
 def check_checkpoint_file(path, source=None):
     """CheckpointError unless `path` looks like a whole checkpoint: a torch.save zip archive with
     its directory (torch >= 1.6), a legacy pickle, or a .safetensors file with all its tensor
-    bytes. `source` (e.g. the URL it came from) is named in the message instead of the path."""
+    bytes. `source` (e.g. the URL it came from) is named in the message instead of the path.
+    Returns the kind: 'safetensors' or 'torch'."""
     with open(path, 'rb') as f:
         head = f.read(64)
     size = os.path.getsize(path)
@@ -462,7 +463,7 @@ def check_checkpoint_file(path, source=None):
         if header is None or size < 8 + length + max(ends, default=0):
             raise CheckpointError(f"{name} is a truncated .safetensors file ({size} bytes): an interrupted copy "
                                   f"or download?")
-        return
+        return 'safetensors'
     if not head.startswith((b'PK\x03\x04', b'\x80')):
         if not head:
             kind = 'an empty file'
@@ -474,6 +475,7 @@ def check_checkpoint_file(path, source=None):
     if head.startswith(b'PK') and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{name} is truncated or corrupt ({size} bytes, its zip directory is missing): "
                               f"an interrupted copy or download?")
+    return 'torch'
 
 
 def load_checkpoint_file(path, allow_unsafe=None):
@@ -481,11 +483,9 @@ def load_checkpoint_file(path, allow_unsafe=None):
     what is wrong with the file: not a checkpoint (an HTML error page, text, an empty file),
     truncated (an interrupted copy or download), or holding Python objects whose unpickling
     would run code from the file (then loaded only with the opt-in of `unsafe_load_allowed`)."""
-    check_checkpoint_file(path)
+    kind = check_checkpoint_file(path)
     size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(64)
-    if _safetensors_header(path, head) is not None:  # tensors only: safe by construction
+    if kind == 'safetensors':  # tensors only: safe by construction
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
