@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from script_runner import run_script
+from script_runner import one_thread, run_script
 
 import capfilt
 import utils
@@ -53,6 +53,14 @@ def args(setup, output_dir, *overrides):
 
 def read_outputs(output_dir):
     return {name: (output_dir / name).read_text() for name in OUTPUTS}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """Every in-process run on one thread, as each process of the two-process run: CPU float
+    sums depend on the thread count, and the tests compare the files byte for byte."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope='module')
