@@ -102,7 +102,8 @@ def parse_args_and_config(description, default_config, default_output_dir, defau
     defaults: the task's optional config keys with the values that reproduce the original
         (merged with ENGINE_DEFAULTS under the file's values; overrides of them are allowed).
     required: keys the task reads that have no default (a missing one is an error naming it).
-    known: when given, every key of the file must be in known, required or the defaults.
+    known: when given, every key of the file must be in known, required or the defaults; an
+        override may add a key of known that the file lacks.
     add_args(parser): script-specific arguments.
     """
     all_defaults = {**ENGINE_DEFAULTS, **(defaults or {})}
@@ -118,7 +119,7 @@ def parse_args_and_config(description, default_config, default_output_dir, defau
     epilog = 'examples:\n' + '\n'.join(f'  {line}' for line in examples) if examples else None
     args, config = utils.parse_args_and_config(description, default_config, default_output_dir,
                                                defaults=all_defaults, argv=argv, add_args=add_all_args,
-                                               epilog=epilog)
+                                               epilog=epilog, optional=known or ())
     check_config(config, args.config, required, known, all_defaults)
     return args, config
 

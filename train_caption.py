@@ -10,6 +10,10 @@ cut off), each rank's captions are merged into result/{val,test}_epoch<N>.json a
 against the COCO ground truth in `coco_gt_root`: BLEU-1..4, METEOR, ROUGE-L, CIDEr (SPICE
 only when its Stanford CoreNLP jars are installed; skipped offline with a warning). The best
 epoch has the highest val CIDEr + BLEU-4 and is kept in checkpoint_best.pth.
+
+Your own images and captions: `dataset: custom` with train_file / val_file / test_file (or one
+data_file), see configs/caption_custom.yaml and data/custom_dataset.py; the ground truth of
+the metrics is then each split's own captions, written to result/{val,test}_gt.json.
 """
 import os
 import time
@@ -19,16 +23,21 @@ import torch
 
 import engine
 import utils
-from data import create_dataset, create_loader, create_sampler
-from data.utils import coco_caption_eval, save_result
+from data import check_dataset_config, create_dataset, create_loader, create_sampler
+from data.custom_dataset import CUSTOM_DEFAULTS
+from data.utils import caption_eval, coco_gt_file, save_result, write_json_atomic
 from models.blip import blip_decoder
 
-# Keys of configs/caption_coco.yaml, all read below.
-REQUIRED_KEYS = ('image_root', 'ann_root', 'coco_gt_root', 'pretrained', 'vit', 'vit_grad_ckpt',
+# Keys of configs/caption_coco.yaml, all read below (the data keys, image_root, ann_root and
+# coco_gt_root or those of dataset: custom, are checked in run).
+REQUIRED_KEYS = ('pretrained', 'vit', 'vit_grad_ckpt',
                  'vit_ckpt_layer', 'batch_size', 'init_lr', 'image_size', 'max_length', 'min_length',
                  'num_beams', 'prompt', 'weight_decay', 'min_lr', 'max_epoch')
+# Data keys that only some datasets read (COCO/Flickr30k annotation folders, or dataset: custom).
+OPTIONAL_KEYS = ('ann_root', 'coco_gt_root', *CUSTOM_DEFAULTS)
 # Model options the official config leaves to blip_decoder's defaults (tiny test models set them).
-TASK_DEFAULTS = {'med_config': 'configs/med_config.json'}
+TASK_DEFAULTS = {'med_config': 'configs/med_config.json',
+                 'dataset': 'coco'}  # coco (Karpathy splits) | custom (your own data)
 
 
 def train_step(model, batch, epoch, i, num_iters, device):
@@ -58,11 +67,24 @@ def evaluate(model, data_loader, device, config, repetition_penalty=1.0, header=
     return result
 
 
+def ground_truth_files(config, result_dir, **splits):
+    """{split: COCO-format ground-truth file}: COCO's own (in coco_gt_root, downloaded when
+    missing), or for your own data each split's captions, written to result_dir/<split>_gt.json."""
+    if config['dataset'] != 'custom':
+        return {split: coco_gt_file(config['coco_gt_root'], split) for split in splits} if utils.is_main_process() else {}
+    files = {split: os.path.join(result_dir, f'{split}_gt.json') for split in splits}
+    if utils.is_main_process():
+        for split, dataset in splits.items():
+            write_json_atomic(dataset.coco_ground_truth(), files[split])
+    return files
+
+
 def main(args, config, device):
     #### Dataset ####
     print('Creating captioning dataset')
-    train_dataset, val_dataset, test_dataset = create_dataset('caption_coco', config)
+    train_dataset, val_dataset, test_dataset = create_dataset(f"caption_{config['dataset']}", config)
     engine.check_images([train_dataset, val_dataset, test_dataset], config)
+    gt_files = ground_truth_files(config, args.result_dir, val=val_dataset, test=test_dataset)
     # val/test are split over ranks too; the padded repeats are dropped by save_result
     samplers = create_sampler([train_dataset, val_dataset, test_dataset], [True, False, False],
                               utils.get_world_size(), utils.get_rank())
@@ -94,8 +116,8 @@ def main(args, config, device):
         test_result_file = save_result(test_result, args.result_dir, f'test_epoch{epoch}', remove_duplicate='image_id')
 
         if utils.is_main_process():
-            coco_val = coco_caption_eval(config['coco_gt_root'], val_result_file, 'val')
-            coco_test = coco_caption_eval(config['coco_gt_root'], test_result_file, 'test')
+            coco_val = caption_eval(gt_files['val'], val_result_file)
+            coco_test = caption_eval(gt_files['test'], test_result_file)
 
             if args.evaluate:
                 engine.log_json(args.output_dir, engine.split_stats(val=coco_val.eval, test=coco_test.eval),
@@ -119,7 +141,12 @@ def main(args, config, device):
 def run(argv=None):
     args, config = engine.parse_args_and_config(
         'BLIP image captioning (COCO Karpathy splits)', './configs/caption_coco.yaml', 'output/Caption_coco',
-        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS,
+        known=OPTIONAL_KEYS, argv=argv)
+    dataset = f"caption_{config['dataset']}"
+    check_dataset_config(dataset, config, args.config)
+    if dataset == 'caption_coco':
+        utils.require_keys(config, ['coco_gt_root'], args.config)
     engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
     device = engine.setup(args, config)
     args.result_dir = os.path.join(args.output_dir, 'result')

@@ -20,15 +20,19 @@ import torch
 import engine
 import ranking
 import utils
-from data import create_dataset, create_loader, create_sampler
+from data import check_dataset_config, create_dataset, create_loader, create_sampler
+from data.custom_dataset import CUSTOM_DEFAULTS
 from models.blip_retrieval import blip_retrieval
 from ranking import itm_eval, itm_eval_topk  # noqa: F401 (the task's metrics, train_retrieval.itm_eval*)
 
-# Keys of configs/retrieval_{coco,flickr}.yaml, all read below.
-REQUIRED_KEYS = ('image_root', 'ann_root', 'dataset', 'pretrained', 'vit', 'batch_size_train',
+# Keys of configs/retrieval_{coco,flickr}.yaml, all read below (the data keys, image_root and
+# ann_root or those of your own data, dataset: custom, are checked by check_dataset_config).
+REQUIRED_KEYS = ('dataset', 'pretrained', 'vit', 'batch_size_train',
                  'batch_size_test', 'vit_grad_ckpt', 'vit_ckpt_layer', 'init_lr', 'image_size',
                  'queue_size', 'alpha', 'k_test', 'negative_all_rank', 'weight_decay', 'min_lr',
                  'max_epoch')
+# Data keys that only some datasets read (COCO/Flickr30k annotation folders, or dataset: custom).
+OPTIONAL_KEYS = ('ann_root', *CUSTOM_DEFAULTS)
 # Model options the official configs leave to blip_retrieval's defaults (tiny test models set them).
 TASK_DEFAULTS = {'med_config': 'configs/med_config.json', 'embed_dim': 256, 'momentum': 0.995,
                  # evaluation at gallery scale (see evaluation_topk); the metrics are the same either way
@@ -189,7 +193,9 @@ def main(args, config, device):
 def run(argv=None):
     args, config = engine.parse_args_and_config(
         'BLIP image-text retrieval (COCO, Flickr30k)', './configs/retrieval_flickr.yaml',
-        'output/Retrieval_flickr', defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+        'output/Retrieval_flickr', defaults=TASK_DEFAULTS, required=REQUIRED_KEYS,
+        known=OPTIONAL_KEYS, argv=argv)
+    check_dataset_config(f"retrieval_{config['dataset']}", config, args.config)
     engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
     device = engine.setup(args, config)
     main(args, config, device)

@@ -559,10 +559,11 @@ def parse_override_value(text):
         return text
 
 
-def apply_override(config, override, source="config"):
+def apply_override(config, override, source="config", optional=()):
     """Apply one 'key=value' / 'a.b.c=value' override to `config` in place.
 
-    Every key on the path must already exist; otherwise ConfigError lists the valid keys.
+    Every key on the path must already exist, or be a top-level key of `optional` (keys a
+    task reads when present); otherwise ConfigError lists the valid keys.
     """
     key, sep, raw_value = override.partition("=")
     key = key.strip()
@@ -575,8 +576,8 @@ def apply_override(config, override, source="config"):
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: '{'.'.join(parts[:depth])}' in "
                               f"{source} is a {type(node).__name__}, not a mapping")
-        if part not in node:
-            valid = ", ".join(sorted(map(str, node)))
+        if part not in node and not (depth == 0 and part in optional):
+            valid = ", ".join(sorted(map(str, set(node) | (set(optional) if depth == 0 else set()))))
             raise ConfigError(f"unknown config key '{key}' in override {override!r} "
                               f"(not in {source} at {where}); valid keys: {valid}")
         if depth < len(parts) - 1:
@@ -584,7 +585,7 @@ def apply_override(config, override, source="config"):
     node[parts[-1]] = parse_override_value(raw_value)
 
 
-def load_config(path, overrides=(), defaults=None):
+def load_config(path, overrides=(), defaults=None, optional=()):
     """Read a YAML config, merge it over `defaults`, then apply `overrides`.
 
     path:      the YAML file. Missing, unreadable or malformed: ConfigError naming it.
@@ -592,10 +593,11 @@ def load_config(path, overrides=(), defaults=None):
                neither in the file nor in `defaults` raises ConfigError listing valid keys.
     defaults:  values for keys the file may leave out (new keys whose defaults reproduce
                the original behaviour); the file's values win.
+    optional:  top-level keys without a default that overrides may add.
     """
     config = _merge(copy.deepcopy(defaults or {}), _read_yaml(path))
     for override in overrides:
-        apply_override(config, override, source=str(path))
+        apply_override(config, override, source=str(path), optional=optional)
     return config
 
 
@@ -692,10 +694,11 @@ def add_common_args(parser, default_config=None, default_output_dir="output"):
 
 
 def parse_args_and_config(description, default_config, default_output_dir="output",
-                          defaults=None, argv=None, add_args=None, epilog=None):
+                          defaults=None, argv=None, add_args=None, epilog=None, optional=()):
     """Parse the command line and load the config it names, overrides applied.
 
     add_args: optional function(parser) adding script-specific arguments.
+    optional: top-level keys without a default that an override may add (load_config).
     Returns (args, config); args.overrides holds every override given. Writes nothing:
     call save_config(config, args.output_dir) on the main process.
     """
@@ -712,7 +715,7 @@ def parse_args_and_config(description, default_config, default_output_dir="outpu
     if args.config is None:
         parser.error("--config is required")
     try:
-        config = load_config(args.config, args.overrides, defaults=defaults)
+        config = load_config(args.config, args.overrides, defaults=defaults, optional=optional)
     except ConfigError as e:
         parser.error(str(e))
     return args, config

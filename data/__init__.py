@@ -13,6 +13,9 @@ original returns them:
     'nlvr'             (train, val, test)  image_root, ann_root
     'retrieval_msrvtt' VideoDataset        video_root, ann_root, num_frm_test (+ optional
                        (test split only)   frm_sampling_strategy 'uniform', video_fmt '.mp4')
+    'retrieval_custom' (train, val, test)  your own pairs (data/custom_dataset.py): train_file,
+    'caption_custom'   (train, val, test)  val_file, test_file or data_file (+ split keys),
+                                           image_root, bad_rows; caption_custom also prompt
 
 Training splits use `train_transform(image_size, min_scale)`, the others
 `eval_transform(image_size)`. The video set is what the original eval_retrieval_video.py
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from data import custom_dataset
 from data.coco_karpathy_dataset import (coco_karpathy_caption_eval,
                                         coco_karpathy_retrieval_eval, coco_karpathy_train)
 from data.flickr30k_dataset import flickr30k_retrieval_eval, flickr30k_train
@@ -32,6 +36,7 @@ from data.nocaps_dataset import nocaps_eval
 from data.pretrain_dataset import pretrain_dataset
 from data.randaugment import BLIP_AUGS, RandomAugment
 from data.utils import DataError
+from utils import ConfigError, require_keys
 from data.video_dataset import VideoDataset
 from data.vqa_dataset import vqa_collate_fn, vqa_dataset
 from utils import is_dist_avail_and_initialized
@@ -72,7 +77,20 @@ DATASET_KEYS = {
     "vqa": ("ann_root", "vqa_root", "vg_root", "train_files", "image_size"),
     "nlvr": ("image_root", "ann_root", "image_size"),
     "retrieval_msrvtt": ("video_root", "ann_root", "num_frm_test", "image_size"),
+    "retrieval_custom": ("image_size",),
+    "caption_custom": ("prompt", "image_size"),
 }
+CUSTOM = ("retrieval_custom", "caption_custom")
+
+
+def check_dataset_config(dataset, config, path):
+    """ConfigError naming the file and key unless `config` holds what create_dataset(dataset)
+    reads (and, for your own data, names sources that exist); before any work."""
+    if dataset not in DATASET_KEYS:
+        raise ConfigError(f"config file {path}: unknown dataset {dataset!r}")
+    require_keys(config, DATASET_KEYS[dataset], path)
+    if dataset in CUSTOM:
+        custom_dataset.check_config(config, path)
 
 
 def create_dataset(dataset, config, min_scale=0.5):
@@ -93,6 +111,13 @@ def create_dataset(dataset, config, min_scale=0.5):
 
     train_tf = train_transform(size, min_scale)
     test_tf = eval_transform(size)
+
+    if dataset in CUSTOM:
+        splits = custom_dataset.load_splits(config)
+        prompt = config["prompt"] if dataset == "caption_custom" else ""
+        return (custom_dataset.custom_train(train_tf, *splits["train"], prompt=prompt),
+                custom_dataset.custom_eval(test_tf, *splits["val"]),
+                custom_dataset.custom_eval(test_tf, *splits["test"]))
 
     if dataset == "pretrain":
         return pretrain_dataset(config["train_file"], config.get("laion_path", ""), train_tf)
@@ -166,7 +191,7 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
 
 
 __all__ = [
-    "create_dataset", "create_sampler", "create_loader", "eval_transform", "train_transform",
+    "create_dataset", "check_dataset_config", "create_sampler", "create_loader", "eval_transform", "train_transform",
     "RandomAugment", "vqa_collate_fn", "DataError", "MEAN", "STD",
     "coco_karpathy_train", "coco_karpathy_caption_eval", "coco_karpathy_retrieval_eval",
     "flickr30k_train", "flickr30k_retrieval_eval", "vqa_dataset", "nlvr_dataset",

@@ -30,17 +30,15 @@ def coco_image_id(image_path):
     return int(image_path.split("/")[-1].strip(".jpg").split("_")[-1])
 
 
-class karpathy_train(Dataset):
-    """Items (image, prompt + caption, img_idx): img_idx numbers the distinct image_ids
-    in order of first appearance (the positive-pair index of the retrieval ITC loss).
-    Subclasses name their annotation file (COCO and Flickr30k share the format)."""
+class caption_train_dataset(Dataset):
+    """Items (image, prompt + caption, img_idx) of `annotation` [{image, caption, image_id}],
+    one per entry: img_idx numbers the distinct image_ids in order of first appearance (the
+    positive-pair index of the retrieval ITC loss). `ann_file` (and an entry's optional
+    'where') name the source in error messages."""
 
-    ann_name = None
-
-    def __init__(self, transform, image_root, ann_root, max_words=30, prompt=""):
-        self.ann_file = fetch_annotation(ann_root, self.ann_name)
-        self.annotation = load_json_list(
-            self.ann_file, {"image": str, "caption": str, "image_id": (str, int)})
+    def __init__(self, transform, image_root, annotation, ann_file, max_words=30, prompt=""):
+        self.ann_file = ann_file
+        self.annotation = annotation
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -55,15 +53,28 @@ class karpathy_train(Dataset):
 
     def image_files(self):
         """(path, annotation file, entry) of every image, for check_image_files."""
-        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, ann.get("where", i))
                 for i, ann in enumerate(self.annotation)]
 
     def __getitem__(self, index):
         ann = self.annotation[index]
-        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
+        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file,
+                           ann.get("where", index))
         image = self.transform(image)
         caption = self.prompt + pre_caption(ann["caption"], self.max_words)
         return image, caption, self.img_ids[ann["image_id"]]
+
+
+class karpathy_train(caption_train_dataset):
+    """caption_train_dataset of the Karpathy training file a subclass names (COCO and
+    Flickr30k share the format), downloaded when missing."""
+
+    ann_name = None
+
+    def __init__(self, transform, image_root, ann_root, max_words=30, prompt=""):
+        ann_file = fetch_annotation(ann_root, self.ann_name)
+        annotation = load_json_list(ann_file, {"image": str, "caption": str, "image_id": (str, int)})
+        super().__init__(transform, image_root, annotation, ann_file, max_words, prompt)
 
 
 class coco_karpathy_train(karpathy_train):
@@ -105,13 +116,14 @@ class coco_karpathy_caption_eval(Dataset):
 class retrieval_eval_dataset(Dataset):
     """Image-text retrieval evaluation: items (image, index) plus the text side.
 
-    .text: every caption (pre_caption'd), .image: image paths, .txt2img[text_id] ->
-    image index, .img2txt[image index] -> list of text ids, as the original builds them.
+    annotation: [{image, caption: [str, ...]}], one entry per image. .text: every caption
+    (pre_caption'd), .image: image paths, .txt2img[text_id] -> image index,
+    .img2txt[image index] -> list of text ids, as the original builds them.
     """
 
-    def __init__(self, transform, image_root, ann_file, max_words=30):
+    def __init__(self, transform, image_root, annotation, ann_file, max_words=30):
         self.ann_file = ann_file
-        self.annotation = load_json_list(ann_file, {"image": str, "caption": list})
+        self.annotation = annotation
         self.transform = transform
         self.image_root = image_root
 
@@ -131,16 +143,18 @@ class retrieval_eval_dataset(Dataset):
 
     def image_files(self):
         """(path, annotation file, entry) of every image, for check_image_files."""
-        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
+        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, ann.get("where", i))
                 for i, ann in enumerate(self.annotation)]
 
     def __getitem__(self, index):
-        path = os.path.join(self.image_root, self.annotation[index]["image"])
-        image = load_image(path, self.ann_file, index)
+        ann = self.annotation[index]
+        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file,
+                           ann.get("where", index))
         return self.transform(image), index
 
 
 class coco_karpathy_retrieval_eval(retrieval_eval_dataset):
     def __init__(self, transform, image_root, ann_root, split, max_words=30):
         ann_file = fetch_annotation(ann_root, _eval_file(split))
-        super().__init__(transform, image_root, ann_file, max_words)
+        annotation = load_json_list(ann_file, {"image": str, "caption": list})
+        super().__init__(transform, image_root, annotation, ann_file, max_words)

@@ -6,7 +6,7 @@ Annotation files (in ann_root, downloaded from the original's URLs when missing)
 - flickr30k_{val,test}.json: [{"image": ..., "caption": [str, ...]}, ...].
 """
 from data.coco_karpathy_dataset import karpathy_train, retrieval_eval_dataset
-from data.utils import fetch_annotation
+from data.utils import fetch_annotation, load_json_list
 
 EVAL_FILES = {"val": "flickr30k_val.json", "test": "flickr30k_test.json"}
 
@@ -24,4 +24,5 @@ class flickr30k_retrieval_eval(retrieval_eval_dataset):
         if split not in EVAL_FILES:
             raise ValueError(f"split must be one of {sorted(EVAL_FILES)}, got {split!r}")
         ann_file = fetch_annotation(ann_root, EVAL_FILES[split])
-        super().__init__(transform, image_root, ann_file, max_words)
+        annotation = load_json_list(ann_file, {"image": str, "caption": list})
+        super().__init__(transform, image_root, annotation, ann_file, max_words)

@@ -237,15 +237,20 @@ def load_jsonl(path, fields):
     return entries
 
 
+def _entry(index, ann_file):
+    # an entry index, or a row a custom-data source names itself ('line 3')
+    return f"entry {index} of {ann_file}" if isinstance(index, int) else f"{index} of {ann_file}"
+
+
 def load_image(image_path, ann_file, index):
     """RGB PIL image; DataError naming the image, the annotation file and the entry."""
     try:
         with Image.open(image_path) as image:
             return image.convert("RGB")
     except FileNotFoundError as error:
-        raise DataError(f"Image not found: {image_path} (entry {index} of {ann_file})") from error
+        raise DataError(f"Image not found: {image_path} ({_entry(index, ann_file)})") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"Cannot read image {image_path} (entry {index} of {ann_file}): "
+        raise DataError(f"Cannot read image {image_path} ({_entry(index, ann_file)}): "
                         f"{error}") from error
 
 
@@ -270,9 +275,9 @@ def check_image_files(files, mode="exists", workers=16):
         except DataError as error:
             return str(error)
         except FileNotFoundError:
-            return f"Image not found: {path} (entry {entry} of {ann_file})"
+            return f"Image not found: {path} ({_entry(entry, ann_file)})"
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            return f"Cannot read image {path} (entry {entry} of {ann_file}): {error}"
+            return f"Cannot read image {path} ({_entry(entry, ann_file)}): {error}"
         return None
 
     start = time.time()
@@ -474,10 +479,14 @@ def _close_meteor(meteor):
             meteor.meteor_p.wait()
 
 
-def coco_caption_eval(coco_gt_root, results_file, split):
-    """COCO Karpathy val/test caption metrics, as the original (gt downloaded if missing)."""
+def coco_gt_file(coco_gt_root, split):
+    """The COCO Karpathy val/test caption ground truth in coco_gt_root (downloaded if missing)."""
     filenames = {"val": "coco_karpathy_val_gt.json", "test": "coco_karpathy_test_gt.json"}
     if split not in filenames:
         raise ValueError(f"coco_caption_eval: split must be 'val' or 'test', got {split!r}")
-    gt_file = fetch_annotation(coco_gt_root, filenames[split])
-    return caption_eval(gt_file, results_file)
+    return fetch_annotation(coco_gt_root, filenames[split])
+
+
+def coco_caption_eval(coco_gt_root, results_file, split):
+    """COCO Karpathy val/test caption metrics, as the original."""
+    return caption_eval(coco_gt_file(coco_gt_root, split), results_file)

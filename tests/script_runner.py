@@ -35,7 +35,8 @@ def script_config(script, config_path):
     the script's defaults and required keys, no command-line arguments."""
     import engine
     return engine.parse_args_and_config('t', str(REPO / config_path), 'out', defaults=script.TASK_DEFAULTS,
-                                        required=script.REQUIRED_KEYS, known=(), argv=[])
+                                        required=script.REQUIRED_KEYS,
+                                        known=getattr(script, 'OPTIONAL_KEYS', ()), argv=[])
 
 
 @contextlib.contextmanager
