@@ -152,8 +152,10 @@ def test_shortlist_in_blocks_equals_one_block(monkeypatch):
     whole = ranking.shortlist(query, gallery, 6, 5, 45)
     monkeypatch.setattr(ranking, 'SIM_BLOCK_ELEMENTS', 7 * 30)  # blocks of 7 rows
     blocks = ranking.shortlist(query, gallery, 6, 5, 45)
-    for got, expected in zip(blocks, whole):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # the same candidates; a matmul of 7 rows may round the last bit unlike one of 40 (the CPU
+    # kernel depends on the shape), so the similarities agree to float32 precision
+    torch.testing.assert_close(blocks[1], whole[1], rtol=0, atol=0)
+    torch.testing.assert_close(blocks[0], whole[0], rtol=0, atol=1e-6)
     assert whole[1].shape == (40, 6)
 
 
