@@ -83,7 +83,8 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating captioning dataset')
     train_dataset, val_dataset, test_dataset = create_dataset(f"caption_{config['dataset']}", config)
-    engine.check_images([train_dataset, val_dataset, test_dataset], config)
+    # --evaluate reads no training image: only val/test need to be there
+    engine.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
     gt_files = ground_truth_files(config, args.result_dir, val=val_dataset, test=test_dataset)
     # val/test are split over ranks too; the padded repeats are dropped by save_result
     samplers = create_sampler([train_dataset, val_dataset, test_dataset], [True, False, False],

@@ -106,7 +106,8 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating dataset')
     train_dataset, val_dataset, test_dataset = create_dataset('nlvr', config)
-    engine.check_images([train_dataset, val_dataset, test_dataset], config)
+    # --evaluate reads no training image: only val/test need to be there
+    engine.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
     train_sampler = create_sampler([train_dataset], [True], utils.get_world_size(), utils.get_rank())
     (train_loader,) = create_loader([train_dataset], train_sampler, batch_size=[config['batch_size_train']],
                                     num_workers=[config['num_workers']], is_trains=[True], collate_fns=[None])

@@ -127,7 +127,8 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating retrieval dataset')
     train_dataset, val_dataset, test_dataset = create_dataset(f"retrieval_{config['dataset']}", config)
-    engine.check_images([train_dataset, val_dataset, test_dataset], config)
+    # --evaluate reads no training image: only val/test need to be there
+    engine.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
     samplers = create_sampler([train_dataset], [True], utils.get_world_size(), utils.get_rank()) + [None, None]
     train_loader, val_loader, test_loader = create_loader(
         [train_dataset, val_dataset, test_dataset], samplers,

@@ -190,7 +190,7 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating vqa datasets')
     datasets = create_dataset('vqa', config)
-    engine.check_images(datasets, config)
+    engine.check_images(datasets[1:] if args.evaluate else datasets, config)  # --evaluate: the test images
     # the test questions are split over ranks too; padded repeats are dropped by save_result
     samplers = create_sampler(datasets, [True, False], utils.get_world_size(), utils.get_rank())
     train_loader, test_loader = create_loader(datasets, samplers,

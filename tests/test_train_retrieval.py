@@ -277,3 +277,19 @@ def test_a_missing_val_image_stops_the_run_before_training(toy_config, tmp_path)
     assert '2 of' in message and str(missing) in message and str(broken) in message
     assert 'entry 1 of' in message and 'coco_karpathy_val.json' in message and 'coco_karpathy_test.json' in message
     assert not (out / 'log.txt').exists() and not (out / 'checkpoint_last.pth').exists()
+
+
+def test_evaluation_needs_only_the_val_and_test_images(toy_config, tmp_path):
+    # (reproduce.py evaluates COCO from val2014 alone; train2014 need not be there)
+    from data.synthetic import make_synthetic
+    from data.utils import DataError
+    paths = make_synthetic(tmp_path / 'data', num_images=16, num_videos=1, image_size=32)
+    train = json.loads((tmp_path / 'data' / 'annotation' / 'coco_karpathy_train.json').read_text())
+    missing = tmp_path / 'data' / 'images' / train[0]['image']
+    missing.unlink()
+    args = ['--config', str(toy_config), '--device', 'cpu', f"image_root={paths['image_root']}",
+            f"ann_root={paths['ann_root']}"]
+    train_retrieval.run(args + ['--output_dir', str(tmp_path / 'eval'), '--evaluate'])
+    assert (tmp_path / 'eval' / 'evaluate.txt').exists()
+    with pytest.raises(DataError, match=f'1 of .*{missing}'):
+        train_retrieval.run(args + ['--output_dir', str(tmp_path / 'train')])
