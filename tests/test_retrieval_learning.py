@@ -11,15 +11,15 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_EPOCHS
 from script_runner import one_thread
 
 import demo
 import train_retrieval
 
-CONFIG = str(REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml')
+CONFIG = str(REPO / RETRIEVAL_TOY_CONFIG)
 FLICKR_CONFIG = str(REPO / 'configs' / 'shapes' / 'retrieval_flickr.yaml')
-EPOCHS = 16
+EPOCHS = RETRIEVAL_TOY_EPOCHS
 
 
 def read_lines(path):
@@ -43,7 +43,7 @@ def test_chance_recall_on_hand_made_splits():
     assert many['img_r5'] == pytest.approx(100 * 5 / 30)
 
 
-def test_retrieval_learns_on_toy_data(tmp_path, monkeypatch):
+def test_retrieval_learns_on_toy_data(retrieval_toy_run, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the toy config's data paths are relative to the repository
     with one_thread():  # as demo.py: the tiny model gains little from a second thread
         base = ['--device', 'cpu', f'max_epoch={EPOCHS}']
@@ -57,9 +57,7 @@ def test_retrieval_learns_on_toy_data(tmp_path, monkeypatch):
         assert untrained['flickr'] == untrained['coco']
 
         # training at a constant learning rate (min_lr = init_lr flattens the cosine schedule)
-        out = tmp_path / 'trained'
-        train_retrieval.run(base + ['--config', CONFIG, '--output_dir', str(out), 'min_lr=1e-4'])
-        epochs = read_lines(out / 'log.txt')
+        epochs = read_lines(retrieval_toy_run / 'log.txt')
         assert [line['epoch'] for line in epochs] == list(range(EPOCHS))
         first, last = epochs[0], epochs[-1]
         assert float(last['train_loss_ita']) < float(first['train_loss_ita']) - 0.2

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import CAPTION_TOY_EPOCHS, REPO
 from script_runner import read_json_lines, run_script, script_config, toy_setup
 
 import eval_nocaps
@@ -22,8 +22,7 @@ import train_caption
 CONFIG = 'configs/shapes/caption_coco.yaml'
 NOCAPS_CONFIG = 'configs/shapes/nocaps.yaml'
 METRICS = ['Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr']
-EPOCHS = 6
-BATCH_PER_RANK = 8  # two ranks: the toy config's global batch of 16
+EPOCHS = CAPTION_TOY_EPOCHS
 COLOURS = ('red', 'green', 'blue', 'yellow')
 SPLIT_IDS = {}
 
@@ -41,13 +40,9 @@ def read_results(path):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A short fine-tuning run under torchrun with two processes (the learning run)."""
-    out = tmp_path_factory.mktemp('caption') / 'train'
-    result = run_script('train_caption.py', '--config', CONFIG, '--output_dir', out, '--device', 'cpu',
-                        f'max_epoch={EPOCHS}', f'batch_size={BATCH_PER_RANK}',
-                        'min_lr=1e-3', nproc=2)  # a constant learning rate: colour is learnt sooner
-    return out, result
+def trained(caption_toy_run):
+    """A short fine-tuning run under torchrun with two processes (the learning run, conftest)."""
+    return caption_toy_run
 
 
 def colour_of(caption):
