@@ -625,7 +625,33 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
                        extra=checkpoint.get('extra') or {})
     print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
           f'steps; continuing at epoch {state.start_epoch}')
+    if utils.is_main_process():
+        drop_log_lines_from(args.output_dir, state.start_epoch)
     return state
+
+
+def drop_log_lines_from(output_dir, epoch, filename='log.txt'):
+    """Keep log.txt in step with the checkpoint a run resumes from: a run killed after logging
+    an epoch but before its checkpoint_last.pth was written redoes that epoch, so its line (and
+    any later one) goes; the redone epoch writes it again."""
+    path = os.path.join(output_dir, filename)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            line_epoch = json.loads(line).get('epoch')
+        except (ValueError, AttributeError):
+            continue  # a line cut by the kill
+        if not isinstance(line_epoch, int) or line_epoch < epoch:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if kept != lines:
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
+        print(f'{path}: {len(lines) - len(kept)} line(s) of epoch {epoch} or later removed (they are redone)')
 
 
 # --------------------------------------------------------------------------- logging

@@ -13,11 +13,13 @@ import argparse
 import builtins
 import copy
 import datetime
+import errno
 import json
 import math
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import time
 import zipfile
@@ -383,6 +385,30 @@ def save_safetensors(state_dict, path):
     return _write_atomically(path, lambda f: f.write(data))
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, permissions); the previous version is intact."""
+
+
+# torch.save's zip writer reports a failed write (ENOSPC included) as a RuntimeError like
+# "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+_TORCH_WRITE_FAILURE = ("unexpected pos", "inline_container", "PytorchStreamWriter")
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _write_failure(path, error):
+    """WriteError naming the file and, when it is that, the full disk."""
+    free = None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        pass
+    full = getattr(error, "errno", None) in _NO_SPACE or (free is not None and free < 2 ** 20)
+    reason = (f"no space left on the device ({free / 2 ** 20:.1f} MB free in {path.parent})"
+              if full and free is not None else "no space left on the device" if full else str(error))
+    previous = "the previous file is unchanged" if path.exists() else "nothing was written"
+    return WriteError(f"could not write {path}: {reason}; {previous}")
+
+
 def _write_atomically(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,9 +419,12 @@ def _write_atomically(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError)
+                                          and any(s in str(error) for s in _TORCH_WRITE_FAILURE)):
+            raise _write_failure(path, error) from error
         raise
     _fsync_dir(path.parent)
     return str(path)

@@ -521,3 +521,48 @@ def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
     engine.remove_stale_temporaries(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.keep', 'checkpoint_last.pth', 'notes.tmp']
     assert '.checkpoint_last.pth.k3j2.tmp' in capsys.readouterr().out
+
+
+def test_a_resumed_run_logs_each_epoch_once(tmp_path, capsys):
+    # killed after logging epoch 1 but before checkpoint_last.pth of epoch 1 was written: the
+    # resumed run redoes epoch 1, and log.txt must not hold it twice
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    reference = tmp_path / 'reference'
+    toy.run(toy_argv(config_path, reference))
+    out = tmp_path / 'killed'
+    toy.run(toy_argv(config_path, out, 'max_epoch=1'))  # epoch 0 done and checkpointed
+    with open(out / 'log.txt', 'a') as f:
+        f.write(json.dumps({'train_loss': 'stale', 'epoch': 1}) + '\n{"train_loss": "cut')
+    toy.run(toy_argv(config_path, out))
+    assert 'line(s) of epoch 1 or later removed' in capsys.readouterr().out
+    assert (out / 'log.txt').read_text().splitlines() == (reference / 'log.txt').read_text().splitlines()
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = toy.ToyModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = dict(engine.ENGINE_DEFAULTS)
+    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, engine.TrainState())
+    last = tmp_path / engine.LAST_CHECKPOINT
+    before = file_digest(last)
+    real_save = torch.save
+    failures = [OSError(28, 'No space left on device'),  # ENOSPC from a plain write
+                RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')]  # torch's zip writer
+    for failure in failures:
+        def full_disk(obj, f, *args, **kwargs):
+            f.write(b'PK\x03\x04 the first bytes')
+            raise failure
+        monkeypatch.setattr(torch, 'save', full_disk)
+        if isinstance(failure, RuntimeError):  # torch's message does not say why: the free space does
+            monkeypatch.setattr(utils.shutil, 'disk_usage', lambda folder: Namespace(total=10, used=10, free=0))
+        with pytest.raises(utils.WriteError) as error:
+            engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+        assert str(error.value).startswith(f'could not write {last}: no space left on the device')
+        assert str(error.value).endswith('the previous file is unchanged')
+        monkeypatch.setattr(torch, 'save', real_save)
+        assert file_digest(last) == before and [p.name for p in tmp_path.iterdir()] == [engine.LAST_CHECKPOINT]
+    # other failures keep their own message, still naming the file
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, 'save', lambda obj, f: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    with pytest.raises(utils.WriteError, match=f'could not write {last}: .*Permission denied'):
+        engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
