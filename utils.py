@@ -562,7 +562,18 @@ def _read_yaml(path):
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, "
                           f"got a {type(data).__name__}")
+    _check_key_names(data, path)
     return data
+
+
+def _check_key_names(mapping, path, prefix=""):
+    # `: value` or `1: value` parse as keys None / 1: no task reads such a key
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"config file {path}: {prefix}{key!r} is not a key name (a line "
+                              f"'{key}: ...' or a missing key before ':')")
+        if isinstance(value, dict):
+            _check_key_names(value, path, f"{prefix}{key}.")
 
 
 def _merge(base, update):
