@@ -450,6 +450,7 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=window_size, fmt='{value:.6f}'))
     header = header or f'Train Epoch: [{epoch}]'
     num_iters = len(data_loader)
+    epoch_start = time.time()
 
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
@@ -492,7 +493,20 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
     # gather the stats from all processes
     metric_logger.synchronize_between_processes()
     print('Averaged stats:', metric_logger.global_avg())
+    _print_progress(epoch, config.get('max_epoch'), time.time() - epoch_start)
     return {k: stats_fmt.format(meter.global_avg) for k, meter in metric_logger.meters.items()}
+
+
+def _print_progress(epoch, max_epoch, seconds):
+    """'epoch N/M' and the training time the remaining epochs will take at this epoch's pace."""
+    took = datetime.timedelta(seconds=int(seconds))
+    if not max_epoch:
+        print(f'epoch {epoch + 1} trained in {took}')
+        return
+    left = max_epoch - epoch - 1
+    print(f'epoch {epoch + 1}/{max_epoch} trained in {took}'
+          + (f'; the other {left} epoch(s) take about {datetime.timedelta(seconds=int(seconds * left))} '
+             f'more (training only)' if left > 0 else '; training done'), flush=True)
 
 
 # --------------------------------------------------------------------------- checkpoints

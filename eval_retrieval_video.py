@@ -118,7 +118,7 @@ def main(args, config, device):
 
     if utils.is_main_process():
         test_result = itm_eval(score_v2t, score_t2v, test_dataset.txt2video, test_dataset.video2txt)
-        print(test_result)
+        print('test:', test_result)
         engine.log_json(args.output_dir, test_result, filename='test_result.txt')
 
 

@@ -163,7 +163,7 @@ def main(args, config, device):
         test_now = evaluate_split(model_without_ddp, test_loader, device, eval_config)
 
         if utils.is_main_process():
-            print(val_result)
+            print(f'val (epoch {epoch}):', val_result)
             # as the original: the best epoch by val r_mean is kept, and the test result
             # reported is the one at the best epoch
             # (the original also copied the weights when only evaluating)
@@ -171,7 +171,7 @@ def main(args, config, device):
                                           optimizer, config, save=not args.evaluate)
             if improved or 'test_result' not in state.extra:
                 state.extra['test_result'] = test_now
-                print(state.extra['test_result'])
+                print(f'test (epoch {epoch}, the best so far by val r_mean):', state.extra['test_result'])
             test_result = state.extra['test_result']
 
             ranking_note = {'ranking': 'itc only (k_test 0)'} if config['k_test'] == 0 else {}

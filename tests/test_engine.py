@@ -6,6 +6,7 @@ import json
 import http.server
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -566,3 +567,10 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_one(tmp_
     monkeypatch.setattr(torch, 'save', lambda obj, f: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
     with pytest.raises(utils.WriteError, match=f'could not write {last}: .*Permission denied'):
         engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+
+
+def test_each_epoch_says_where_the_run_is_and_how_long_the_rest_takes(tmp_path, capsys):
+    toy.run(toy_argv(write_toy_config(tmp_path / 'toy.yaml'), tmp_path / 'out'))
+    printed = capsys.readouterr().out
+    assert re.search(r'epoch 1/3 trained in 0:00:\d\d; the other 2 epoch\(s\) take about 0:00:\d\d more', printed)
+    assert re.search(r'epoch 3/3 trained in 0:00:\d\d; training done', printed)
