@@ -14,8 +14,9 @@ epoch loop, evaluation, logging. Everything around that lives here:
   (`clip_grad_norm`), a stop on a NaN/Inf loss, progress with ETA;
 - checkpoints: `checkpoint_best.pth` in the original's format (`save_model`),
   `checkpoint_last.pth` every epoch with everything needed to continue
-  (`save_last_checkpoint`, `resume`), written atomically; `log.txt` / `evaluate.txt` JSON
-  lines (`log_json`).
+  (`save_last_checkpoint`, `resume`), written atomically between the epoch's training and its
+  evaluation (`mark_evaluated` records that the evaluation finished); `log.txt` /
+  `evaluate.txt` JSON lines (`log_json`), in step with the checkpoint on resume.
 
 Resume works at epoch granularity: a run killed mid-epoch restarts that epoch from the
 state saved at the end of the previous one (model, optimizer, scaler, counters, best metric,
@@ -33,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -78,6 +80,7 @@ VALUE_RULES = {
 }
 
 LAST_CHECKPOINT = 'checkpoint_last.pth'
+EVALUATED = 'checkpoint_last_evaluated.pth'  # small: what the evaluation after checkpoint_last changed
 BEST_CHECKPOINT = 'checkpoint_best.pth'
 
 
@@ -407,6 +410,16 @@ class TrainState:
     best: float = 0.0        # best validation metric so far (what the task compares)
     best_epoch: int = 0
     extra: dict = field(default_factory=dict)  # task values to keep (plain types), e.g. test metrics at the best epoch
+    # resumed between an epoch's training and the end of its evaluation: that epoch and the
+    # training stats it logs (the script evaluates it without training it again)
+    trained_epoch: Optional[int] = None
+    train_stats: Optional[dict] = None
+
+
+def resumed_train_stats(state, epoch):
+    """The training stats of `epoch` when this run resumed after training it but before its
+    evaluation finished (then only its evaluation runs), else None (train it)."""
+    return state.train_stats if state.trained_epoch == epoch else None
 
 
 def set_epoch(data_loader, epoch):
@@ -554,12 +567,16 @@ def save_model(path, model_without_ddp, optimizer, config, epoch):
         }, path)
 
 
-def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, config, epoch, state):
+def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, config, epoch, state,
+                         train_stats=None):
     """Write checkpoint_last.pth for a finished epoch. Call on every rank (gathers RNG states).
 
     Holds model (queues are buffers, so they are in it), optimizer, scaler, epoch, global
     step, best metric and epoch, every rank's RNG states (python, numpy, torch, cuda) and
     the config. `model` / `epoch` keep the original layout, so it also loads as `pretrained`.
+    train_stats: given when written between training and evaluation (so a failing evaluation
+    never costs the epoch): a resumed run then evaluates that epoch first (resumed_train_stats),
+    unless mark_evaluated recorded that its evaluation finished.
     """
     rng_states = _gather_rng_states()
     if utils.is_main_process():
@@ -574,8 +591,35 @@ def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, confi
             'best_epoch': state.best_epoch,
             'extra': state.extra,
             'rng_states': rng_states,
+            **({'evaluated': False, 'train_stats': train_stats} if train_stats is not None else {}),
         }, os.path.join(output_dir, LAST_CHECKPOINT))
     utils.barrier()
+
+
+def mark_evaluated(output_dir, epoch, state):
+    """After the evaluation of an epoch whose checkpoint_last.pth was written before it: save what
+    the evaluation changed (best metric and epoch, extra, every rank's RNG states) in a small
+    file beside it, so a resumed run continues at the next epoch without evaluating again.
+    Call on every rank."""
+    rng_states = _gather_rng_states()
+    if utils.is_main_process():
+        utils.save_checkpoint({'epoch': epoch, 'global_step': state.global_step, 'best': state.best,
+                               'best_epoch': state.best_epoch, 'extra': state.extra, 'rng_states': rng_states},
+                              os.path.join(output_dir, EVALUATED))
+    utils.barrier()
+
+
+def _evaluated_state(path, checkpoint):
+    """The evaluation state saved by mark_evaluated for this very checkpoint, or None."""
+    evaluated = os.path.join(os.path.dirname(path), EVALUATED)
+    if not os.path.isfile(evaluated):
+        return None
+    try:
+        saved = utils.load_checkpoint_file(evaluated)
+    except utils.CheckpointError:
+        return None  # cut by a kill: the evaluation is redone
+    same = saved.get('epoch') == checkpoint['epoch'] and saved.get('global_step') == checkpoint.get('global_step')
+    return saved if same else None
 
 
 def find_resume_checkpoint(args):
@@ -637,8 +681,23 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
     state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint.get('global_step', 0),
                        best=checkpoint.get('best', 0.0), best_epoch=checkpoint.get('best_epoch', 0),
                        extra=checkpoint.get('extra') or {})
-    print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
-          f'steps; continuing at epoch {state.start_epoch}')
+    evaluated = _evaluated_state(path, checkpoint) if checkpoint.get('evaluated') is False else None
+    if evaluated is not None:  # its evaluation finished too
+        state.best, state.best_epoch, state.extra = evaluated['best'], evaluated['best_epoch'], evaluated['extra']
+        rng_states = evaluated['rng_states']
+        if len(rng_states) == utils.get_world_size():
+            _set_rng_state(rng_states[utils.get_rank()])
+        print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
+              f'steps; continuing at epoch {state.start_epoch}')
+    elif checkpoint.get('evaluated') is False:  # saved between training and evaluation
+        state.start_epoch = state.trained_epoch = checkpoint['epoch']
+        state.train_stats = checkpoint['train_stats']
+        print(f'resumed from {path}: epoch {checkpoint["epoch"]} trained, {state.global_step} optimizer steps; '
+              f'evaluating epoch {checkpoint["epoch"]} (its evaluation had not finished), then continuing at '
+              f'epoch {checkpoint["epoch"] + 1}')
+    else:
+        print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
+              f'steps; continuing at epoch {state.start_epoch}')
     if utils.is_main_process():
         drop_log_lines_from(args.output_dir, state.start_epoch)
     return state

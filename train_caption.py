@@ -105,11 +105,16 @@ def main(args, config, device):
     start_time = time.time()
     for epoch in range(state.start_epoch, config['max_epoch']):
         if not args.evaluate:
-            engine.set_epoch(train_loader, epoch)
-            utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
-                                                 partial(train_step, device=device), scaler=scaler,
-                                                 state=state, header=f'Train Caption Epoch: [{epoch}]')
+            train_stats = engine.resumed_train_stats(state, epoch)  # resumed before its evaluation: not again
+            if train_stats is None:
+                engine.set_epoch(train_loader, epoch)
+                utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                     partial(train_step, device=device), scaler=scaler,
+                                                     state=state, header=f'Train Caption Epoch: [{epoch}]')
+                # saved before the evaluation, so a failing one never costs the epoch
+                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
+                                            epoch, state, train_stats=train_stats)
 
         val_result = evaluate(model_without_ddp, val_loader, device, config)
         val_result_file = save_result(val_result, args.result_dir, f'val_epoch{epoch}', remove_duplicate='image_id')
@@ -133,7 +138,7 @@ def main(args, config, device):
         if args.evaluate:
             break
 
-        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.mark_evaluated(args.output_dir, epoch, state)  # a resumed run need not evaluate it again
         engine.end_epoch(device)
 
     engine.print_elapsed(start_time)

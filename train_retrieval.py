@@ -153,11 +153,16 @@ def main(args, config, device):
     start_time = time.time()
     for epoch in range(state.start_epoch, config['max_epoch']):
         if not args.evaluate:
-            engine.set_epoch(train_loader, epoch)
-            utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
-                                                 partial(train_step, config=config, device=device),
-                                                 scaler=scaler, state=state)
+            train_stats = engine.resumed_train_stats(state, epoch)  # resumed before its evaluation: not again
+            if train_stats is None:
+                engine.set_epoch(train_loader, epoch)
+                utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                     partial(train_step, config=config, device=device),
+                                                     scaler=scaler, state=state)
+                # saved before the evaluation, so a failing one never costs the epoch
+                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
+                                            epoch, state, train_stats=train_stats)
 
         val_result = evaluate_split(model_without_ddp, val_loader, device, eval_config)
         test_now = evaluate_split(model_without_ddp, test_loader, device, eval_config)
@@ -185,7 +190,7 @@ def main(args, config, device):
         if args.evaluate:
             break
 
-        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.mark_evaluated(args.output_dir, epoch, state)  # a resumed run need not evaluate it again
         engine.end_epoch(device)
 
     engine.print_elapsed(start_time)

@@ -2,9 +2,10 @@
 
 It has the shape of a real task script: data, model, epoch loop, evaluation, best/last
 checkpoints, log.txt. A tiny regression MLP with dropout and a shuffled loader, so the RNG
-states matter for resuming. Two test hooks in the config: `nan_at: [epoch, iteration]` makes
+states matter for resuming. Test hooks in the config: `nan_at: [epoch, iteration]` makes
 the loss NaN there; `pause_at: [epoch, iteration]` writes output_dir/paused and sleeps there
-(the test kills the process).
+(the test kills the process); `fail_eval_at: epoch` makes that epoch's evaluation fail;
+`stop_after: epoch` interrupts the run when that epoch is done.
 """
 import os
 import sys
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
 import utils  # noqa: E402
 
-TOY_DEFAULTS = {'nan_at': None, 'pause_at': None, 'num_samples': 48}
+TOY_DEFAULTS = {'nan_at': None, 'pause_at': None, 'fail_eval_at': None, 'stop_after': None, 'num_samples': 48}
 TOY_REQUIRED = ('batch_size_train', 'init_lr', 'min_lr', 'weight_decay', 'max_epoch')
 
 
@@ -78,10 +79,17 @@ def main(args, config, device):
 
     for epoch in range(state.start_epoch, config['max_epoch']):
         if not args.evaluate:
-            engine.set_epoch(train_loader, epoch)
-            utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-            train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
-                                                 loss_fn, scaler=scaler, state=state)
+            train_stats = engine.resumed_train_stats(state, epoch)
+            if train_stats is None:
+                engine.set_epoch(train_loader, epoch)
+                utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                                                     loss_fn, scaler=scaler, state=state)
+                # before the evaluation, so a failing one never costs the epoch
+                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
+                                            epoch, state, train_stats=train_stats)
+        if config['fail_eval_at'] == epoch:
+            raise RuntimeError(f'evaluation of epoch {epoch} failed (test hook)')
         val_stats = evaluate(model_without_ddp, val_loader)
         if args.evaluate:
             engine.log_json(args.output_dir, {f'val_{k}': v for k, v in val_stats.items()}, 'evaluate.txt')
@@ -94,7 +102,9 @@ def main(args, config, device):
         engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
                                           **{f'val_{k}': v for k, v in val_stats.items()},
                                           'epoch': epoch, 'best_epoch': state.best_epoch})
-        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
+        engine.mark_evaluated(args.output_dir, epoch, state)
+        if config['stop_after'] == epoch:
+            raise KeyboardInterrupt(f'stopped after epoch {epoch} (test hook)')
         engine.end_epoch(device)
     return model_without_ddp
 

@@ -325,7 +325,7 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in checkpoint['model'].values() if v.is_floating_point())
     assert len((out / 'log.txt').read_text().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ['checkpoint_best.pth', 'checkpoint_last.pth',
-                                                     'config.yaml', 'log.txt']
+                                                     engine.EVALUATED, 'config.yaml', 'log.txt']
 
 
 def rng_draws():
@@ -535,7 +535,7 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, capsys):
     with open(out / 'log.txt', 'a') as f:
         f.write(json.dumps({'train_loss': 'stale', 'epoch': 1}) + '\n{"train_loss": "cut')
     toy.run(toy_argv(config_path, out))
-    assert 'line(s) of epoch 1 or later removed' in capsys.readouterr().out
+    assert '2 line(s) of epoch 1 or later removed' in capsys.readouterr().out
     assert (out / 'log.txt').read_text().splitlines() == (reference / 'log.txt').read_text().splitlines()
 
 
@@ -574,3 +574,50 @@ def test_each_epoch_says_where_the_run_is_and_how_long_the_rest_takes(tmp_path, 
     printed = capsys.readouterr().out
     assert re.search(r'epoch 1/3 trained in 0:00:\d\d; the other 2 epoch\(s\) take about 0:00:\d\d more', printed)
     assert re.search(r'epoch 3/3 trained in 0:00:\d\d; training done', printed)
+
+
+def test_a_failing_evaluation_never_costs_the_epoch(tmp_path, capsys):
+    # checkpoint_last.pth is written between an epoch's training and its evaluation: a run whose
+    # evaluation fails resumes with that epoch trained, evaluates it, and ends as the reference
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    reference = toy.run(toy_argv(config_path, tmp_path / 'reference'))
+    out = tmp_path / 'failed'
+    with pytest.raises(RuntimeError, match='evaluation of epoch 1 failed'):
+        toy.run(toy_argv(config_path, out, 'fail_eval_at=1'))
+    saved = torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)
+    assert saved['epoch'] == 1 and saved['evaluated'] is False and 'loss_mse' in saved['train_stats']
+    capsys.readouterr()
+    resumed = toy.run(toy_argv(config_path, out))
+    assert 'evaluating epoch 1 (its evaluation had not finished), then continuing at epoch 2' in capsys.readouterr().out
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert (out / 'log.txt').read_text() == (tmp_path / 'reference' / 'log.txt').read_text()
+    assert file_digest(out / engine.BEST_CHECKPOINT) == file_digest(tmp_path / 'reference' / engine.BEST_CHECKPOINT)
+
+
+def test_a_finished_epoch_is_not_evaluated_again_on_resume(tmp_path, capsys):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    reference = toy.run(toy_argv(config_path, tmp_path / 'reference'))
+    out = tmp_path / 'continued'
+    with pytest.raises(KeyboardInterrupt):
+        toy.run(toy_argv(config_path, out, 'stop_after=1'))  # stopped after epoch 1, evaluation included
+    assert torch.load(out / engine.EVALUATED, weights_only=True)['epoch'] == 1
+    capsys.readouterr()
+    continued = toy.run(toy_argv(config_path, out))
+    printed = capsys.readouterr().out
+    assert 'continuing at epoch 2' in printed and 'evaluating epoch' not in printed and 'removed' not in printed
+    for key, value in reference.state_dict().items():  # RNG states from after the evaluation
+        assert torch.equal(value, continued.state_dict()[key]), key
+    assert (out / 'log.txt').read_text() == (tmp_path / 'reference' / 'log.txt').read_text()
+
+    # the record of epoch 1 is not taken for the checkpoint of epoch 2
+    again = tmp_path / 'again'
+    with pytest.raises(KeyboardInterrupt):
+        toy.run(toy_argv(config_path, again, 'stop_after=1'))
+    with pytest.raises(RuntimeError, match='evaluation of epoch 2 failed'):
+        toy.run(toy_argv(config_path, again, 'fail_eval_at=2'))
+    assert torch.load(again / engine.EVALUATED, weights_only=True)['epoch'] == 1
+    capsys.readouterr()
+    toy.run(toy_argv(config_path, again))
+    assert 'evaluating epoch 2 (its evaluation had not finished)' in capsys.readouterr().out
+    assert (again / 'log.txt').read_text() == (tmp_path / 'reference' / 'log.txt').read_text()

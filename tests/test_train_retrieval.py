@@ -151,7 +151,7 @@ def test_script_trains_resumes_and_evaluates(toy_config, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'Re-ranking' in result.stdout and 'eta' in result.stdout
     assert {p.name for p in out.iterdir()} == {'checkpoint_best.pth', 'checkpoint_last.pth',
-                                               'config.yaml', 'log.txt'}
+                                               'checkpoint_last_evaluated.pth', 'config.yaml', 'log.txt'}
     (line,) = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
     assert list(line) == (['train_lr', 'train_loss_itm', 'train_loss_ita']
                           + [f'val_{k}' for k in RECALL_KEYS] + [f'test_{k}' for k in RECALL_KEYS]
