@@ -181,15 +181,14 @@ def toy_user_files(tmp_path):
 def test_retrieval_from_a_csv_trains_as_from_the_karpathy_files(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     files = toy_user_files(tmp_path)
-    base = ['--config', str(TOY_RETRIEVAL), '--device', 'cpu', 'max_epoch=2', 'min_lr=1e-4']
+    base = ['--config', str(TOY_RETRIEVAL), '--device', 'cpu', 'max_epoch=1', 'min_lr=1e-4']
     custom = ['dataset=custom', 'ann_root=null', *[f'{key}={value}' for key, value in files.items()]]
     with one_thread():
         train_retrieval.run(base + ['--output_dir', str(tmp_path / 'karpathy')])
         train_retrieval.run(base + ['--output_dir', str(tmp_path / 'csv')] + custom)
     theirs, ours = read_json_lines(tmp_path / 'karpathy' / 'log.txt'), read_json_lines(tmp_path / 'csv' / 'log.txt')
-    assert [line['epoch'] for line in ours] == [0, 1]
+    assert [line['epoch'] for line in ours] == [0]
     assert ours == theirs  # every loss and recall, number for number
-    assert float(ours[1]['train_loss_ita']) < float(ours[0]['train_loss_ita'])
 
 
 def test_captioning_from_a_csv_scores_against_its_own_captions(tmp_path, monkeypatch):
