@@ -410,16 +410,15 @@ class TrainState:
     best: float = 0.0        # best validation metric so far (what the task compares)
     best_epoch: int = 0
     extra: dict = field(default_factory=dict)  # task values to keep (plain types), e.g. test metrics at the best epoch
-    # resumed between an epoch's training and the end of its evaluation: that epoch and the
-    # training stats it logs (the script evaluates it without training it again)
-    trained_epoch: Optional[int] = None
+    # resumed between the training of epoch start_epoch and the end of its evaluation: the
+    # training stats it logs (the script evaluates that epoch without training it again)
     train_stats: Optional[dict] = None
 
 
 def resumed_train_stats(state, epoch):
     """The training stats of `epoch` when this run resumed after training it but before its
     evaluation finished (then only its evaluation runs), else None (train it)."""
-    return state.train_stats if state.trained_epoch == epoch else None
+    return state.train_stats if epoch == state.start_epoch else None
 
 
 def set_epoch(data_loader, epoch):
@@ -681,17 +680,14 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
     state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint.get('global_step', 0),
                        best=checkpoint.get('best', 0.0), best_epoch=checkpoint.get('best_epoch', 0),
                        extra=checkpoint.get('extra') or {})
-    evaluated = _evaluated_state(path, checkpoint) if checkpoint.get('evaluated') is False else None
+    pending = checkpoint.get('evaluated') is False  # saved between training and evaluation
+    evaluated = _evaluated_state(path, checkpoint) if pending else None
     if evaluated is not None:  # its evaluation finished too
         state.best, state.best_epoch, state.extra = evaluated['best'], evaluated['best_epoch'], evaluated['extra']
-        rng_states = evaluated['rng_states']
-        if len(rng_states) == utils.get_world_size():
-            _set_rng_state(rng_states[utils.get_rank()])
-        print(f'resumed from {path}: epoch {checkpoint["epoch"]} done, {state.global_step} optimizer '
-              f'steps; continuing at epoch {state.start_epoch}')
-    elif checkpoint.get('evaluated') is False:  # saved between training and evaluation
-        state.start_epoch = state.trained_epoch = checkpoint['epoch']
-        state.train_stats = checkpoint['train_stats']
+        if len(evaluated['rng_states']) == utils.get_world_size():
+            _set_rng_state(evaluated['rng_states'][utils.get_rank()])
+    if pending and evaluated is None:
+        state.start_epoch, state.train_stats = checkpoint['epoch'], checkpoint['train_stats']
         print(f'resumed from {path}: epoch {checkpoint["epoch"]} trained, {state.global_step} optimizer steps; '
               f'evaluating epoch {checkpoint["epoch"]} (its evaluation had not finished), then continuing at '
               f'epoch {checkpoint["epoch"] + 1}')

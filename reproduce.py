@@ -22,6 +22,7 @@ generated on first use): their models are first trained here, as the tests train
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -177,7 +178,6 @@ def evaluate_row(row, models, args):
     """Evaluate one row; returns its result lines (one per metric)."""
     folder = os.path.join(args.output_dir, 'rows', row['task'])
     if os.path.isdir(folder):  # a half-finished evaluation: start it again
-        import shutil
         shutil.rmtree(folder)
     checkpoint = checkpoint_of(row['model'], models[row['model']], args)
     present = {key: os.path.join(args.data_root, path) for key, path in row.get('optional', {}).items()
