@@ -2,12 +2,17 @@
 # exact versions of requirements-lock.txt) when it is missing, then runs. GPU users install
 # requirements.txt (ranges) into their own env. `make test-latest` checks the newest releases
 # the ranges allow in a separate .venv-latest, before the lock is moved.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-cpu
 LATEST := .venv-latest
 LATEST_BIN := $(LATEST)/bin
+
+# pip's output cut to one line per package it fetches, then its summary (pipefail keeps its exit status)
+PIP_SUMMARY := awk '/^Collecting /{print "  " $$2; fflush()} /^(Successfully installed|ERROR)/{print; fflush()}'
 
 .PHONY: test test-latest demo venv clean
 
@@ -17,7 +22,8 @@ $(STAMP): requirements.txt requirements-cpu.txt requirements-lock.txt tools/fix_
 	@echo "Setting up $(VENV): the locked CPU set of requirements-lock.txt (torch 2.13.0 CPU, transformers, timm, ...)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c requirements-lock.txt --upgrade pip
-	$(BIN)/pip install --quiet -r requirements-cpu.txt -c requirements-lock.txt
+	@echo "Installing (each package as pip fetches it; a few minutes on a fresh machine):"
+	$(BIN)/pip install --progress-bar off -r requirements-cpu.txt -c requirements-lock.txt | $(PIP_SUMMARY)
 	$(BIN)/python tools/fix_cpu_torchvision.py
 	touch $(STAMP)
 
@@ -33,7 +39,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST_BIN)/pip install --quiet --upgrade pip
-	$(LATEST_BIN)/pip install --quiet --upgrade -r requirements-cpu.txt
+	$(LATEST_BIN)/pip install --progress-bar off --upgrade -r requirements-cpu.txt | $(PIP_SUMMARY)
 	$(LATEST_BIN)/python tools/fix_cpu_torchvision.py
 	$(LATEST_BIN)/pip freeze --all | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > $(LATEST)/versions.txt
 	@echo "Versions under test (also in $(LATEST)/versions.txt):"

@@ -33,6 +33,8 @@ import time
 from math import comb
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, REPO)
+import utils  # noqa: E402
 CONFIG = os.path.join('configs', 'shapes', 'retrieval_coco.yaml')
 OUTPUT_DIR = os.path.join('output', 'demo')
 RECALL_KEYS = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10',
@@ -74,9 +76,11 @@ def test_split_chance(config_path, overrides=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--seed', type=int, default=42)
-    parser.add_argument('--output_dir', default=OUTPUT_DIR)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=utils.HelpFormatter,
+                                     epilog='examples:\n  make demo\n  python demo.py max_epoch=2\n'
+                                            '  python demo.py --seed 1 --output_dir output/demo_seed1')
+    parser.add_argument('--seed', type=int, default=42, help='seed of the training run')
+    parser.add_argument('--output_dir', default=OUTPUT_DIR, help='emptied first: every demo is a fresh run')
     parser.add_argument('overrides', nargs='*', help='config overrides KEY=VALUE (e.g. max_epoch=2)')
     args = parser.parse_args(argv)
 

@@ -54,6 +54,8 @@ ENGINE_DEFAULTS = {
     'num_workers': 4,         # data loader workers per split (the original's value)
     'check_images': 'exists',  # before training, every image exists and opens: full | exists | off
     'save_safetensors': False,  # also write checkpoint_best.safetensors (the weights alone)
+    'keep_previous_last': True,  # keep the epoch before as checkpoint_last_previous.pth: an auto-resume
+                                 # falls back to it when checkpoint_last.pth is damaged (twice the disk)
     'synthetic': None,        # toy configs: {root, seed, num_images, ...} of data/synthetic.py,
                               # generated on first use (see prepare_synthetic_data)
 }
@@ -81,6 +83,7 @@ VALUE_RULES = {
 
 LAST_CHECKPOINT = 'checkpoint_last.pth'
 EVALUATED = 'checkpoint_last_evaluated.pth'  # small: what the evaluation after checkpoint_last changed
+PREVIOUS_CHECKPOINT = 'checkpoint_last_previous.pth'  # the checkpoint_last.pth before, while keep_previous_last
 BEST_CHECKPOINT = 'checkpoint_best.pth'
 
 
@@ -119,12 +122,34 @@ def parse_args_and_config(description, default_config, default_output_dir, defau
     # --help ends with the calling script's examples (the command lines of its docstring)
     caller_doc = inspect.currentframe().f_back.f_globals.get('__doc__') or ''
     examples = [line.strip() for line in caller_doc.splitlines() if line.startswith(('    python', '    torchrun'))]
-    epilog = 'examples:\n' + '\n'.join(f'  {line}' for line in examples) if examples else None
+    epilog = '\n\n'.join(part for part in (
+        'examples:\n' + '\n'.join(f'  {line}' for line in examples) if examples else '',
+        _config_keys_help(required, all_defaults)) if part)
     args, config = utils.parse_args_and_config(description, default_config, default_output_dir,
                                                defaults=all_defaults, argv=argv, add_args=add_all_args,
                                                epilog=epilog, optional=known or ())
     check_config(config, args.config, required, known, all_defaults)
     return args, config
+
+
+def _config_keys_help(required, defaults):
+    """--help's list of the config keys a script reads: the ones the file must set, and the
+    ones with defaults (what KEY=VALUE overrides change when the file does not set them)."""
+    def wrapped(words):
+        lines, line = [], ' '
+        for word in words:
+            if len(line) + len(word) > 88:
+                lines.append(line)
+                line = ' '
+            line += f' {word}'
+        return '\n'.join(lines + [line])
+    parts = []
+    if required:
+        parts.append('config keys the file must set:\n' + wrapped(sorted(required)))
+    if defaults:
+        parts.append('config keys with defaults (when the file does not set them; KEY=VALUE overrides):\n'
+                     + wrapped(f'{key}={json.dumps(value)}' for key, value in sorted(defaults.items())))
+    return '\n\n'.join(parts)
 
 
 def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS):
@@ -591,7 +616,9 @@ def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, confi
             'extra': state.extra,
             'rng_states': rng_states,
             **({'evaluated': False, 'train_stats': train_stats} if train_stats is not None else {}),
-        }, os.path.join(output_dir, LAST_CHECKPOINT))
+        }, os.path.join(output_dir, LAST_CHECKPOINT),
+            keep_previous=os.path.join(output_dir, PREVIOUS_CHECKPOINT) if config.get('keep_previous_last', True)
+            else None)
     utils.barrier()
 
 
@@ -627,8 +654,37 @@ def find_resume_checkpoint(args):
         return args.resume
     if args.evaluate or getattr(args, 'no_auto_resume', False):
         return ''
-    path = os.path.join(args.output_dir, LAST_CHECKPOINT)
-    return path if os.path.isfile(path) else ''
+    for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT):  # the previous alone: killed between two renames
+        path = os.path.join(args.output_dir, name)
+        if os.path.isfile(path):
+            return path
+    return ''
+
+
+def _load_auto_resumed(path, output_dir):
+    """checkpoint_last.pth, or, when it is damaged, the previous one kept beside it (the
+    damaged file is renamed *.damaged, so the next save keeps the good one); (path, checkpoint)."""
+    try:
+        return path, utils.load_checkpoint_file(path)
+    except (utils.CheckpointError, FileNotFoundError) as error:
+        previous = os.path.join(output_dir, PREVIOUS_CHECKPOINT)
+        fallback = None
+        if os.path.abspath(path) != os.path.abspath(previous) and os.path.isfile(previous):
+            try:
+                fallback = utils.load_checkpoint_file(previous)
+            except utils.CheckpointError:
+                pass
+        if fallback is None:
+            raise utils.CheckpointError(
+                f"cannot resume from the output folder's last checkpoint: {error}. To start this run afresh "
+                f"in the same folder, pass --no_auto_resume (the file is then overwritten at the end of the "
+                f"first epoch)") from error
+        utils.barrier()  # every rank has read the folder before the main one renames
+        if utils.is_main_process() and os.path.isfile(path):
+            os.replace(path, path + '.damaged')
+        print(f"WARNING: {error}. Resuming from {previous} instead (epoch {fallback.get('epoch')}, the "
+              f"checkpoint before it); the damaged file is kept as {path}.damaged", flush=True)
+        return previous, fallback
 
 
 def resume(args, model_without_ddp, optimizer=None, scaler=None):
@@ -643,14 +699,10 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
         return TrainState()
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist')
-    try:
+    if args.resume:
         checkpoint = utils.load_checkpoint_file(path)
-    except utils.CheckpointError as error:
-        if args.resume:
-            raise
-        raise utils.CheckpointError(f"cannot resume from the output folder's last checkpoint: {error}. To start "
-                                    f"this run afresh in the same folder, pass --no_auto_resume (the file is "
-                                    f"then overwritten at the end of the first epoch)") from error
+    else:
+        path, checkpoint = _load_auto_resumed(path, args.output_dir)
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
         raise ValueError(f"--resume: {path} is not a training checkpoint (no 'model' entry); "
                          f"to start from its weights, set pretrained={path}")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import ranking
 from data.user_inputs import ImageReadError, InputError, collect_inputs, is_url, read_image
 from models import zoo
+import utils
 from utils import ConfigError, load_config
 
 CAPTION_DEFAULTS = dict(num_beams=3, max_length=20, min_length=5)  # configs/caption_coco.yaml
@@ -361,12 +362,12 @@ def load_answer_list(path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     tasks = parser.add_subparsers(dest='task', required=True)
     tasks.add_parser('models', help='list the model zoo')
 
     def task_parser(name, help_text, inputs='+'):
-        p = tasks.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = tasks.add_parser(name, help=help_text, formatter_class=utils.HelpFormatter)
         if inputs:
             p.add_argument('inputs', nargs=inputs, help='image files, folders, globs, URLs, .txt or .jsonl lists')
         p.add_argument('--model', required=True, help='zoo name (see `predict.py models`) or checkpoint')

@@ -298,11 +298,11 @@ def write_table(path, rows, results, blocked, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=utils.HelpFormatter,
                                      epilog='examples:\n' + '\n'.join(
                                          '  ' + line.strip() for line in __doc__.splitlines()
                                          if line.startswith('    python')))
-    parser.add_argument('--suite', default='paper', help='paper (default) or toy (the CPU toy configs)')
+    parser.add_argument('--suite', default='paper', help='paper or toy (the CPU toy configs)')
     parser.add_argument('--data_root', default='datasets', help="the folder the configs' datasets/ paths point into")
     parser.add_argument('--tasks', default='', help='comma-separated rows to run (default: all)')
     parser.add_argument('--output_dir', default='output/reproduce')

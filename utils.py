@@ -10,6 +10,7 @@
   key, a copy written to the output folder; errors name the file and the key at fault.
 """
 import argparse
+import atexit
 import builtins
 import copy
 import datetime
@@ -20,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -94,18 +96,106 @@ def init_distributed_mode(args):
         args.dist_backend = "gloo"
     dist_url = getattr(args, "dist_url", None) or "env://"
     minutes = getattr(args, "dist_timeout", None)
-    if minutes is not None:
-        if not minutes > 0:
-            raise ValueError(f"--dist_timeout must be a positive number of minutes, got {minutes}")
-        init_kwargs["timeout"] = datetime.timedelta(minutes=minutes)
+    minutes = DIST_TIMEOUT_MINUTES if minutes is None else minutes
+    if not minutes > 0:
+        raise ValueError(f"--dist_timeout must be a positive number of minutes, got {minutes}")
+    timeout = datetime.timedelta(minutes=minutes)
 
     print(f"| distributed init (rank {args.rank}, world {args.world_size}, "
           f"backend {args.dist_backend}): {dist_url}", flush=True)
     if not dist.is_initialized():
-        dist.init_process_group(backend=args.dist_backend, init_method=dist_url,
-                                world_size=args.world_size, rank=args.rank, **init_kwargs)
+        # the rendezvous init_process_group would do, kept: the rank monitor shares its store
+        store, _, _ = next(dist.rendezvous(dist_url, args.rank, args.world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        dist.init_process_group(backend=args.dist_backend, store=store, world_size=args.world_size,
+                                rank=args.rank, timeout=timeout, **init_kwargs)
+        start_rank_monitor(store, args.rank, args.world_size, timeout.total_seconds())
     barrier()
     setup_for_distributed(args.rank == 0)
+
+
+# A collective that a frozen rank never joins fails only after --dist_timeout, and its error
+# ("Timed out waiting 600000ms for recv operation") names no rank. So every process also runs a
+# thread that ticks a key of the job's store and watches the others' ticks: the first process
+# to notice that one stopped ticking (SIGSTOP, a hung machine, a lost network) names it.
+DIST_TIMEOUT_MINUTES = 10  # evaluation gathers wait at most this for the slowest rank
+_MONITOR = {"doing": "starting", "stop": None, "publish": None}
+
+
+def report_progress(doing):
+    """What this process is doing, e.g. 'training epoch 3, step 120' (named when it stops)."""
+    _MONITOR["doing"] = doing
+
+
+def _monitor_intervals(timeout_seconds):
+    """(seconds between ticks, seconds without a tick after which a rank is reported)."""
+    interval = min(10.0, max(0.5, timeout_seconds / 60))
+    return interval, 6 * interval
+
+
+def start_rank_monitor(store, rank, world_size, timeout_seconds):
+    """Start this process's monitor thread (a daemon; it ends with the process or the store)."""
+    import socket
+    import threading
+    interval, stale_after = _monitor_intervals(timeout_seconds)
+    board = dist.PrefixStore("blip_rank_monitor", store)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    stop = threading.Event()
+    _MONITOR["stop"] = stop
+
+    def publish(tick, **extra):
+        board.set(f"rank{rank}", json.dumps({**me, "tick": tick, "doing": _MONITOR["doing"], **extra}))
+    _MONITOR["publish"] = publish
+
+    def watch():
+        seen = {}  # rank -> (its last tick, when this process saw it change)
+        reported = set()
+        tick = 0
+        try:
+            while not stop.is_set():
+                tick += 1
+                publish(tick)
+                now = time.monotonic()
+                stalled = {}
+                for other in range(world_size):
+                    key = f"rank{other}"
+                    if other == rank or not board.check([key]):
+                        continue
+                    beat = json.loads(board.get(key))
+                    if beat.get("done"):
+                        continue
+                    if seen.get(other, (None,))[0] != beat["tick"]:
+                        seen[other] = (beat["tick"], now)
+                    elif now - seen[other][1] > stale_after:
+                        stalled[other] = (beat, now - seen[other][1])
+                # the lowest rank still ticking speaks, once per stall
+                speaker = min(r for r in range(world_size) if r not in stalled)
+                for other, (beat, quiet) in stalled.items():
+                    if speaker == rank and other not in reported:
+                        sys.stderr.write(
+                            f"rank {other} (host {beat['host']}, pid {beat['pid']}) has not responded for "
+                            f"{quiet:.0f} s; it was {beat['doing']}. It is frozen or stopped, or its machine "
+                            f"cannot be reached: the other ranks wait for it at their next collective, and the "
+                            f"job fails when --dist_timeout ({timeout_seconds / 60:g} min) has passed\n")
+                        sys.stderr.flush()
+                reported = set(stalled)
+                stop.wait(interval)
+        except Exception:  # the store is gone (the job is ending): nothing left to watch
+            return
+
+    threading.Thread(target=watch, name="blip-rank-monitor", daemon=True).start()
+    atexit.register(stop_rank_monitor)
+
+
+def stop_rank_monitor():
+    """Tell the other ranks this one finished (so its silence is not reported); called at exit."""
+    stop = _MONITOR["stop"]
+    if stop is not None and not stop.is_set():
+        stop.set()
+        try:
+            _MONITOR["publish"](-1, done=True)
+        except Exception:  # rank 0's store already closed: the job is over anyway
+            pass
 
 
 def barrier():
@@ -294,6 +384,7 @@ class MetricLogger:
 
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
+            report_progress(f"at {header.strip() or 'step'} {i + 1}/{total}")
             yield obj
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
@@ -308,6 +399,7 @@ class MetricLogger:
         total_time = time.time() - start_time
         total_time_str = str(datetime.timedelta(seconds=int(total_time)))
         print(f"{header} Total time: {total_time_str} ({total_time / max(total, 1):.4f} s / it)")
+        report_progress(f"past {header.strip() or 'a loop'}")
 
 
 def compute_acc(logits, label, reduction="mean"):
@@ -367,14 +459,15 @@ def set_seed(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def save_checkpoint(obj, path):
+def save_checkpoint(obj, path, keep_previous=None):
     """torch.save `obj` to `path` atomically.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, then
     os.replace()d over `path`: a crash or a failing save leaves the old file intact and no
-    temporary file behind.
+    temporary file behind. keep_previous: a path the old file is renamed to first, once the
+    new one is completely written (so one good earlier version survives a damaged file).
     """
-    return _write_atomically(path, lambda f: torch.save(obj, f))
+    return _write_atomically(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def save_safetensors(state_dict, path):
@@ -409,7 +502,7 @@ def _write_failure(path, error):
     return WriteError(f"could not write {path}: {reason}; {previous}")
 
 
-def _write_atomically(path, write):
+def _write_atomically(path, write, keep_previous=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -418,6 +511,8 @@ def _write_atomically(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp_path, path)
     except BaseException as error:
         if os.path.exists(tmp_path):
@@ -702,6 +797,17 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as written (examples keep their lines), each option followed by its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = "%(default)" in text or "(default" in text
+        if shown or action.default in (None, "", [], False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_common_args(parser, default_config=None, default_output_dir="output"):
     """The original scripts' command line, plus --resume and config-key overrides.
 
@@ -721,9 +827,10 @@ def add_common_args(parser, default_config=None, default_output_dir="output"):
                         help="url used to set up distributed training")
     parser.add_argument("--distributed", default=True, type=str2bool, metavar="{true,false}",
                         help="true/false; init_distributed_mode sets it from the environment")
-    parser.add_argument("--dist_timeout", default=30, type=float, metavar="MINUTES",
+    parser.add_argument("--dist_timeout", default=DIST_TIMEOUT_MINUTES, type=float, metavar="MINUTES",
                         help="how long a process waits for the others at a collective before the job "
-                             "fails (raise it for long single-rank steps, e.g. merging big outputs)")
+                             "fails (raise it for long single-rank steps, e.g. merging big outputs); a "
+                             "rank that stops is named after a tenth of it, at most a minute")
     parser.add_argument("--resume", "--checkpoint", dest="resume", default="",
                         help="checkpoint to resume training from (pretrain.py's --checkpoint)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
@@ -742,8 +849,7 @@ def parse_args_and_config(description, default_config, default_output_dir="outpu
     Returns (args, config); args.overrides holds every override given. Writes nothing:
     call save_config(config, args.output_dir) on the main process.
     """
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
     add_common_args(parser, default_config, default_output_dir)
     if add_args is not None:
         add_args(parser)

@@ -337,3 +337,26 @@ def test_help_ends_with_the_scripts_examples(script, capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert 'examples:' in out and f'{script}.py --config configs/' in out.split('examples:')[1]
+    # the defaults: of the options, and of the config keys the file need not set
+    flat = ' '.join(out.split())
+    assert '--seed SEED base seed; each rank adds its rank (default: 42)' in flat
+    assert '(default: 10)' in flat.split('--dist_timeout MINUTES')[-1].split('--resume')[0]
+    keys = flat.split('config keys with defaults')[1]
+    assert 'amp="none"' in keys and 'accum_steps=1' in keys and 'num_workers=4' in keys
+    defaults = {**importlib.import_module('engine').ENGINE_DEFAULTS, **getattr(module, 'TASK_DEFAULTS', {})}
+    for key in getattr(module, 'REQUIRED_KEYS', ()):
+        assert key in flat.split('config keys the file must set:')[1].split('config keys with defaults')[0]
+        assert f' {key}=' not in keys and key not in defaults
+
+
+@pytest.mark.parametrize('command, shown', [(['demo.py'], ['examples:', '(default: 42)']),
+                                            (['reproduce.py'], ['examples:', '(default: paper)']),
+                                            (['predict.py', 'caption'], ['(default: 1)']),
+                                            (['tools/convert_hf.py'], ['python tools/convert_hf.py to-hf'])])
+def test_the_other_entry_points_show_examples_or_defaults(command, shown):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, *command, '--help'], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = ' '.join(result.stdout.split())
+    assert 'usage:' in out and all(text in out for text in shown), out

@@ -109,9 +109,64 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(utils.dist, 'init_process_group', lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(utils, 'barrier', lambda: None)
     monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
-    args = utils.add_common_args(argparse.ArgumentParser()).parse_args(['--device', 'cpu', '--dist_timeout', '90'])
+
+    class Store:
+        def set_timeout(self, timeout):
+            seen['store_timeout'] = timeout
+    store = Store()
+    monkeypatch.setattr(utils.dist, 'rendezvous', lambda url, rank, world, timeout: iter([(store, rank, world)]))
+    monkeypatch.setattr(utils, 'start_rank_monitor', lambda *a: seen.update(monitor=a))
+    parser = utils.add_common_args(argparse.ArgumentParser())
+    args = parser.parse_args(['--device', 'cpu', '--dist_timeout', '90'])
     utils.init_distributed_mode(args)
-    assert seen['timeout'] == datetime.timedelta(minutes=90) and seen['backend'] == 'gloo'
+    assert seen['timeout'] == seen['store_timeout'] == datetime.timedelta(minutes=90) and seen['backend'] == 'gloo'
+    assert seen['store'] is store and seen['monitor'] == (store, 0, 1, 90 * 60.0)
+    utils.init_distributed_mode(parser.parse_args(['--device', 'cpu']))
+    assert seen['timeout'] == datetime.timedelta(minutes=10)  # the default: a few minutes
     args.dist_timeout = 0
     with pytest.raises(ValueError, match='--dist_timeout must be a positive number of minutes, got 0'):
         utils.init_distributed_mode(args)
+
+
+def _start_two_ranks(mode, minutes):
+    """The two processes of dist_worker_stall.py, as torchrun would start them (env://)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name('dist_worker_stall.py')
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        procs.append(subprocess.Popen([sys.executable, str(worker), mode, str(minutes)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_frozen_rank_is_named_before_the_timeout_ends_the_job():
+    procs = _start_two_ranks('freeze', 0.25)  # 15 s: rank 1 is reported after 3 s without a tick
+    try:
+        out, err = procs[0].communicate(timeout=90)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode != 0, out + err  # the barrier timed out
+    assert 'rank 0 done' not in out
+    message = next(line for line in err.splitlines() if 'has not responded' in line)
+    assert message.startswith(f'rank 1 (host ') and f'pid {procs[1].pid})' in message, message
+    assert 'it was at Train Epoch: [0] 3/10' in message
+    assert 'the job fails when --dist_timeout (0.25 min) has passed' in message
+    assert message == [line for line in err.splitlines() if 'has not responded' in line][-1]  # said once
+
+
+def test_ranks_that_finish_at_different_times_are_not_reported():
+    procs = _start_two_ranks('finish', 0.25)
+    results = [proc.communicate(timeout=90) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], results
+    assert all(f'rank {r} done' in out for r, (out, _) in enumerate(results))
+    assert not any('has not responded' in err for _, err in results), results

@@ -311,8 +311,8 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     digests = []
     real_save = utils.save_checkpoint
 
-    def recording_save(obj, path):
-        real_save(obj, path)
+    def recording_save(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
         if os.path.basename(path) == engine.LAST_CHECKPOINT:
             digests.append(file_digest(last))
     monkeypatch.setattr(utils, 'save_checkpoint', recording_save)
@@ -411,6 +411,37 @@ def test_a_truncated_or_unsafe_resume_checkpoint_gets_a_clear_error(tmp_path, mo
     monkeypatch.delenv('BLIP_UNSAFE_LOAD', raising=False)
     with pytest.raises(utils.CheckpointError, match='BLIP_UNSAFE_LOAD=1'):
         engine.resume(Namespace(**{**vars(args), 'resume': str(unsafe)}), toy.ToyModel(), optimizer)
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    config_path = write_toy_config(tmp_path / 'toy.yaml')
+    reference = toy.run(toy_argv(config_path, tmp_path / 'reference'))
+    out = tmp_path / 'damaged'
+    with pytest.raises(KeyboardInterrupt):
+        toy.run(toy_argv(config_path, out, 'stop_after=1'))
+    last, previous = out / engine.LAST_CHECKPOINT, out / engine.PREVIOUS_CHECKPOINT
+    assert torch.load(previous, weights_only=True)['epoch'] == 0 and torch.load(last, weights_only=True)['epoch'] == 1
+    damaged = last.read_bytes()[:-300]  # e.g. a disk error, or a half-finished copy of the folder
+    last.write_bytes(damaged)
+    capsys.readouterr()
+    resumed = toy.run(toy_argv(config_path, out))
+    printed = capsys.readouterr().out
+    assert f'WARNING: {last} is truncated or corrupt' in printed
+    assert f'Resuming from {previous} instead (epoch 0, the checkpoint before it)' in printed
+    assert (out / 'checkpoint_last.pth.damaged').read_bytes() == damaged  # kept for a look, not reused
+    assert 'evaluating epoch 0 (its evaluation had not finished), then continuing at epoch 1' in printed
+    for key, value in reference.state_dict().items():  # epoch 1 redone: the same run
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert (out / 'log.txt').read_text() == (tmp_path / 'reference' / 'log.txt').read_text()
+
+    # with both damaged, the error says how to start afresh; keep_previous_last=false keeps one file
+    previous.write_bytes(b'')
+    last.write_bytes(damaged)
+    with pytest.raises(utils.CheckpointError, match='--no_auto_resume'):
+        toy.run(toy_argv(config_path, out))
+    single = tmp_path / 'single'
+    toy.run(toy_argv(config_path, single, 'keep_previous_last=false'))
+    assert not (single / engine.PREVIOUS_CHECKPOINT).exists() and (single / engine.LAST_CHECKPOINT).exists()
 
 
 def test_no_resume_when_evaluating_or_disabled(tmp_path):

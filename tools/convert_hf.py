@@ -234,7 +234,7 @@ def from_hf(hf_dir, out_path, task):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=utils.HelpFormatter,
                                      epilog='\n'.join(__doc__.splitlines()[1:5]))
     commands = parser.add_subparsers(dest='command', required=True)
     to = commands.add_parser('to-hf', help='our / the original .pth -> a transformers folder')
