@@ -119,7 +119,7 @@ def init_distributed_mode(args):
 # thread that ticks a key of the job's store and watches the others' ticks: the first process
 # to notice that one stopped ticking (SIGSTOP, a hung machine, a lost network) names it.
 DIST_TIMEOUT_MINUTES = 10  # evaluation gathers wait at most this for the slowest rank
-_MONITOR = {"doing": "starting", "stop": None, "publish": None}
+_MONITOR = {"doing": "starting", "stop": None, "publish": None, "thread": None}
 
 
 def report_progress(doing):
@@ -183,7 +183,9 @@ def start_rank_monitor(store, rank, world_size, timeout_seconds):
         except Exception:  # the store is gone (the job is ending): nothing left to watch
             return
 
-    threading.Thread(target=watch, name="blip-rank-monitor", daemon=True).start()
+    thread = threading.Thread(target=watch, name="blip-rank-monitor", daemon=True)
+    _MONITOR["thread"] = thread
+    thread.start()
     atexit.register(stop_rank_monitor)
 
 
@@ -192,6 +194,9 @@ def stop_rank_monitor():
     stop = _MONITOR["stop"]
     if stop is not None and not stop.is_set():
         stop.set()
+        # joined, not left running: a daemon thread still inside a store call while the
+        # interpreter shuts down aborts the process ("terminate called without an active exception")
+        _MONITOR["thread"].join(timeout=10)
         try:
             _MONITOR["publish"](-1, done=True)
         except Exception:  # rank 0's store already closed: the job is over anyway

@@ -76,7 +76,7 @@ def test_toy_run_learns_and_writes_the_original_checkpoints(toy_run):
     assert itc[-1] < collapsed - ITC_DROP and itc[-1] < itc[0] - ITC_DROP, (collapsed, itc)
 
     assert {p.name for p in out.iterdir()} == {f'checkpoint_{e:02d}.pth' for e in range(EPOCHS)} | {
-        'checkpoint_last.pth', 'config.yaml', 'log.txt'}
+        'checkpoint_last.pth', 'checkpoint_last_previous.pth', 'config.yaml', 'log.txt'}
     checkpoint = torch.load(out / 'checkpoint_01.pth', weights_only=True)
     assert set(checkpoint) == {'model', 'optimizer', 'config', 'epoch'} and checkpoint['epoch'] == 1
     assert {'image_queue', 'text_queue', 'queue_ptr'} <= set(checkpoint['model'])

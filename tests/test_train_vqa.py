@@ -75,10 +75,10 @@ def test_training_under_ddp_learns_to_answer(vqa_toy_run, untrained_accuracy):
     losses = [float(line['train_loss']) for line in lines]
     assert losses[-1] < 0.6 * losses[0]
 
-    # the original's per-epoch checkpoints, plus the one to resume from
+    # the original's per-epoch checkpoints, plus the one to resume from and the one before it
     names = {p.name for p in out.iterdir()}
     assert {f'checkpoint_{epoch:02d}.pth' for epoch in range(EPOCHS)} | {
-        'checkpoint_last.pth', 'config.yaml', 'log.txt', 'evaluate.txt', 'result'} == names
+        'checkpoint_last.pth', 'checkpoint_last_previous.pth', 'config.yaml', 'log.txt', 'evaluate.txt', 'result'} == names
     checkpoint = torch.load(out / f'checkpoint_{EPOCHS - 1:02d}.pth', weights_only=True)
     assert set(checkpoint) == {'model', 'optimizer', 'config', 'epoch'} and checkpoint['epoch'] == EPOCHS - 1
 
