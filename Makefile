@@ -27,8 +27,12 @@ $(STAMP): requirements.txt requirements-cpu.txt requirements-lock.txt tools/fix_
 	$(BIN)/python tools/fix_cpu_torchvision.py
 	touch $(STAMP)
 
+# pytest-xdist processes (each module runs whole in one; the toy runs several modules read are
+# made once, see tests/conftest.py): the CI machine has two cores
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/python demo.py
@@ -44,7 +48,7 @@ test-latest:
 	$(LATEST_BIN)/pip freeze --all | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > $(LATEST)/versions.txt
 	@echo "Versions under test (also in $(LATEST)/versions.txt):"
 	@grep -iE '^(torch|torchvision|transformers|timm|tokenizers|numpy|pillow)==' $(LATEST)/versions.txt
-	$(LATEST_BIN)/python -m pytest -q tests
+	$(LATEST_BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) $(LATEST) output

@@ -1,5 +1,9 @@
-"""Shared test fixtures: repository paths and the parity fixtures of the original BLIP."""
+"""Shared test fixtures: repository paths, the parity fixtures of the original BLIP, and the toy
+training runs several modules read (each made once per test run, also under pytest-xdist)."""
+import fcntl
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +18,34 @@ PARITY = Path(os.environ.get("BLIP_PARITY_DIR", REPO / "tests" / "parity"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (make test runs one worker per core) each worker takes one thread.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+
+def made_once(tmp_path_factory, name, make):
+    """make(folder) -> a JSON value, run once per test run: under pytest-xdist the first worker
+    to ask makes it in the folder the workers share, the others wait for it and read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one run's workers' base folders sit side by side in it
+    folder, done = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            done.write_text(json.dumps(make(folder)))
+    return folder, json.loads(done.read_text())
+
+
+def _script_run(folder, script, *args, nproc):
+    """Run a task script on the toy config into folder/train; what the tests read of the run."""
+    from script_runner import run_script
+    result = run_script(script, *args, "--output_dir", folder / "train", "--device", "cpu", nproc=nproc)
+    return {"args": [str(a) for a in result.args], "stdout": result.stdout, "stderr": result.stderr}
+
+
+def _completed(folder, run):
+    return folder / "train", subprocess.CompletedProcess(run["args"], 0, run["stdout"], run["stderr"])
 
 
 @pytest.fixture(scope="session")
@@ -37,11 +68,9 @@ VQA_TOY_BATCH_PER_RANK = 16  # two ranks: the toy config's global batch of 32
 @pytest.fixture(scope="session")
 def vqa_toy_run(tmp_path_factory):
     """(output folder, completed process) of the toy VQA fine-tuning under torchrun."""
-    from script_runner import run_script
-    out = tmp_path_factory.mktemp('vqa') / 'train'
-    result = run_script('train_vqa.py', '--config', VQA_TOY_CONFIG, '--output_dir', out, '--device', 'cpu',
-                        f'max_epoch={VQA_TOY_EPOCHS}', f'batch_size_train={VQA_TOY_BATCH_PER_RANK}', nproc=2)
-    return out, result
+    return _completed(*made_once(tmp_path_factory, 'vqa', lambda folder: _script_run(
+        folder, 'train_vqa.py', '--config', VQA_TOY_CONFIG, f'max_epoch={VQA_TOY_EPOCHS}',
+        f'batch_size_train={VQA_TOY_BATCH_PER_RANK}', nproc=2)))
 
 
 # The toy retrieval training (configs/shapes/retrieval_coco.yaml, one process, one thread, a
@@ -55,19 +84,22 @@ RETRIEVAL_TOY_OVERRIDES = [f'max_epoch={RETRIEVAL_TOY_EPOCHS}', 'min_lr=1e-4']
 @pytest.fixture(scope="session")
 def retrieval_toy_run(tmp_path_factory):
     """Output folder (log.txt, checkpoint_best.pth) of the toy retrieval training."""
-    import os
     from script_runner import one_thread
     import train_retrieval
-    out = tmp_path_factory.mktemp('retrieval_toy') / 'trained'
-    cwd = os.getcwd()
-    os.chdir(REPO)  # the toy config's data paths are relative to the repository
-    try:
-        with one_thread():  # as demo.py: the tiny model gains little from a second thread
-            train_retrieval.run(['--config', str(REPO / RETRIEVAL_TOY_CONFIG), '--output_dir', str(out),
-                                 '--device', 'cpu', *RETRIEVAL_TOY_OVERRIDES])
-    finally:
-        os.chdir(cwd)
-    return out
+
+    def train(folder):
+        cwd = os.getcwd()
+        os.chdir(REPO)  # the toy config's data paths are relative to the repository
+        try:
+            with one_thread():  # as demo.py: the tiny model gains little from a second thread
+                train_retrieval.run(['--config', str(REPO / RETRIEVAL_TOY_CONFIG), '--output_dir',
+                                     str(folder / 'trained'), '--device', 'cpu', *RETRIEVAL_TOY_OVERRIDES])
+        finally:
+            os.chdir(cwd)
+        return None
+
+    folder, _ = made_once(tmp_path_factory, 'retrieval_toy', train)
+    return folder / 'trained'
 
 
 # The toy captioning run (configs/shapes/caption_coco.yaml, two gloo processes, a constant
@@ -80,9 +112,6 @@ CAPTION_TOY_BATCH_PER_RANK = 8  # two ranks: the toy config's global batch of 16
 @pytest.fixture(scope="session")
 def caption_toy_run(tmp_path_factory):
     """(output folder, completed process) of the toy captioning fine-tuning under torchrun."""
-    from script_runner import run_script
-    out = tmp_path_factory.mktemp('caption') / 'train'
-    result = run_script('train_caption.py', '--config', CAPTION_TOY_CONFIG, '--output_dir', out, '--device', 'cpu',
-                        f'max_epoch={CAPTION_TOY_EPOCHS}', f'batch_size={CAPTION_TOY_BATCH_PER_RANK}',
-                        'min_lr=1e-3', nproc=2)  # a constant learning rate: colour is learnt sooner
-    return out, result
+    return _completed(*made_once(tmp_path_factory, 'caption', lambda folder: _script_run(
+        folder, 'train_caption.py', '--config', CAPTION_TOY_CONFIG, f'max_epoch={CAPTION_TOY_EPOCHS}',
+        f'batch_size={CAPTION_TOY_BATCH_PER_RANK}', 'min_lr=1e-3', nproc=2)))  # constant lr: colour is learnt sooner
