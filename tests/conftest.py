@@ -23,16 +23,6 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
-# The modules that make the long toy runs go first, so the pytest-xdist workers start on them
-# together and the short modules fill the time that is left, not the other way round.
-LONG_MODULES = ("test_reproduce.py", "test_pretrain.py", "test_train_nlvr.py", "test_train_vqa.py",
-                "test_train_caption.py", "test_retrieval_learning.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: the order within stays
-
-
 def made_once(tmp_path_factory, name, make):
     """make(folder) -> a JSON value, run once per test run: under pytest-xdist the first worker
     to ask makes it in the folder the workers share, the others wait for it and read it."""
