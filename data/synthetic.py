@@ -414,6 +414,28 @@ def make_synthetic(root, seed=0, num_images=200, image_size=64, num_videos=12,
     return paths
 
 
+def corrupt_captions(entries, fraction, seed=0):
+    """A noisy copy of a pre-training list, as web data is: `fraction` of the entries (chosen
+    at random) get the caption of another entry whose image has none of theirs (a wrong
+    description, not a paraphrase). Returns (entries, corrupted), corrupted[i] True for each
+    changed entry. Used to check that CapFilt's filter finds them."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(seed)
+    captions_of = {}
+    for e in entries:
+        captions_of.setdefault(e["image"], set()).add(e["caption"])
+    chosen = set(rng.sample(range(len(entries)), round(fraction * len(entries))))
+    noisy, corrupted = [], []
+    for i, e in enumerate(entries):
+        if i in chosen:
+            others = [o["caption"] for o in entries if o["caption"] not in captions_of[e["image"]]]
+            e = {**e, "caption": rng.choice(others)}
+        noisy.append(e)
+        corrupted.append(i in chosen)
+    return noisy, corrupted
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the synthetic shapes dataset.")
     parser.add_argument("root", help="output folder")

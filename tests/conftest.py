@@ -74,28 +74,27 @@ def vqa_toy_run(tmp_path_factory):
 
 
 # The toy retrieval training (configs/shapes/retrieval_coco.yaml, one process, one thread, a
-# constant learning rate): test_retrieval_learning checks it learns, and reproduce.py's toy
-# suite evaluates it (the toy suite's `retrieval` model, trained with the same overrides).
+# constant learning rate, no dropout, batch 4): test_retrieval_learning checks it learns,
+# reproduce.py's toy suite evaluates it (the toy suite's `retrieval` model, trained with the same
+# overrides), and test_capfilt_toy takes it as the toy CapFilt filter: without dropout and with
+# 4 pairs a batch its ITM head learns to tell a caption of another image (with the config's
+# dropout 0.1 and batch 16 it stays at chance in this budget).
 RETRIEVAL_TOY_CONFIG = 'configs/shapes/retrieval_coco.yaml'
-RETRIEVAL_TOY_EPOCHS = 16
-RETRIEVAL_TOY_OVERRIDES = [f'max_epoch={RETRIEVAL_TOY_EPOCHS}', 'min_lr=1e-4']
+RETRIEVAL_TOY_EPOCHS = 24
+RETRIEVAL_TOY_OVERRIDES = [f'max_epoch={RETRIEVAL_TOY_EPOCHS}', 'min_lr=1e-4', 'batch_size_train=4',
+                           'med_config=configs/shapes/med_config_capfilt.json']
 
 
 @pytest.fixture(scope="session")
 def retrieval_toy_run(tmp_path_factory):
     """Output folder (log.txt, checkpoint_best.pth) of the toy retrieval training."""
-    from script_runner import one_thread
+    from script_runner import in_repository, one_thread
     import train_retrieval
 
     def train(folder):
-        cwd = os.getcwd()
-        os.chdir(REPO)  # the toy config's data paths are relative to the repository
-        try:
-            with one_thread():  # as demo.py: the tiny model gains little from a second thread
-                train_retrieval.run(['--config', str(REPO / RETRIEVAL_TOY_CONFIG), '--output_dir',
-                                     str(folder / 'trained'), '--device', 'cpu', *RETRIEVAL_TOY_OVERRIDES])
-        finally:
-            os.chdir(cwd)
+        with in_repository(), one_thread():  # as demo.py: the tiny model gains little from a second thread
+            train_retrieval.run(['--config', str(REPO / RETRIEVAL_TOY_CONFIG), '--output_dir',
+                                 str(folder / 'trained'), '--device', 'cpu', *RETRIEVAL_TOY_OVERRIDES])
         return None
 
     folder, _ = made_once(tmp_path_factory, 'retrieval_toy', train)

@@ -40,6 +40,18 @@ def script_config(script, config_path):
 
 
 @contextlib.contextmanager
+def in_repository():
+    """Run in-process script calls from the repository folder: the toy configs' data paths are
+    relative to it."""
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+@contextlib.contextmanager
 def toy_setup(script, config_path):
     """script_config() of a toy config, as run() prepares it before building the model: from
     the repository folder (the toy configs' data paths are relative to it), with the synthetic
@@ -47,14 +59,10 @@ def toy_setup(script, config_path):
     import engine
     import utils
     args, config = script_config(script, config_path)
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with in_repository():
         engine.check_paths(config, str(config_path))
         utils.set_seed(args.seed)
         yield args, config
-    finally:
-        os.chdir(cwd)
 
 
 def image_blind_guesses(training_pairs, texts):

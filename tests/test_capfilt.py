@@ -1,7 +1,7 @@
 """capfilt.py: output files in the formats pretrain.py reads, every text scored and reported,
 unreadable images skipped with their file and entry, a killed run resumed to the same files, two
 processes equal to one, filter_only / caption_only. Models with random weights saved as
-checkpoints: these tests check the machinery (the toy learning proof needs trained ones)."""
+checkpoints: these tests check the machinery (tests/test_capfilt_toy.py has the learning proof)."""
 import json
 import shutil
 

@@ -12,7 +12,7 @@ import data
 from data import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from data.coco_karpathy_dataset import coco_image_id
 from data.synthetic import (ANSWER_LIST, COLOURS, NLVR_KINDS, POSITIONS, SHAPES, _nlvr_entries,
-                            make_scenes, make_synthetic)
+                            corrupt_captions, make_scenes, make_synthetic)
 from data.video_dataset import sample_frame_indices
 from data_fixtures import IMAGE_SIZE, SYNTHETIC_KW, data_config, synthetic  # noqa: F401
 
@@ -357,3 +357,23 @@ def test_synthetic_captions_and_answers_describe_the_image(synthetic):
             number = {str(v): k for k, v in numbers.items()}.get(answer, answer)
             assert number in words, (entry["question"], answer, captions[entry["image"]])
     assert len({e["image_id"] for e in train_captions}) == len(train_captions) // 5
+
+
+def test_corrupt_captions_swaps_a_fraction_for_other_images_captions(synthetic):
+    entries = _read(synthetic, "pretrain_synth.json")
+    noisy, corrupted = corrupt_captions(entries, 0.3, seed=0)
+    assert sum(corrupted) == round(0.3 * len(entries)) and len(noisy) == len(entries)
+    captions_of = {}
+    for e in entries:
+        captions_of.setdefault(e["image"], set()).add(e["caption"])
+    for before, after, bad in zip(entries, noisy, corrupted):
+        assert after["image"] == before["image"]
+        if bad:  # another image's caption, none of this image's
+            assert after["caption"] not in captions_of[before["image"]]
+            assert any(after["caption"] in c for image, c in captions_of.items() if image != before["image"])
+        else:
+            assert after == before
+    assert corrupt_captions(entries, 0.3, seed=0) == (noisy, corrupted)
+    assert corrupt_captions(entries, 0.3, seed=1)[1] != corrupted
+    with pytest.raises(ValueError, match="fraction must be in"):
+        corrupt_captions(entries, 1.5)
