@@ -58,6 +58,9 @@ def main():
     parser.add_argument('--corrupted', type=float, default=0.3, help='fraction of web captions swapped')
     parser.add_argument('--pretrain_epochs', type=int, default=12, help="pretrain.yaml's max_epoch")
     parser.add_argument('--finetune_epochs', type=int, default=12, help='retrieval fine-tuning epochs')
+    parser.add_argument('--seed', type=int, default=42,
+                        help="the pre-training and fine-tuning runs' --seed (the scripts' default 42); "
+                             'another seed writes folders of its own')
     parser.add_argument('--itm_threshold', type=float, default=0.3,
                         help='the toy filter is under-confident: see tests/test_capfilt_toy.py')
     args = parser.parse_args()
@@ -92,17 +95,19 @@ def main():
             'bootstrapped': [work / 'capfilt' / 'web_filtered.json', work / 'capfilt' / 'synthetic_filtered.json']}
     results = {}
     last = f'checkpoint_{args.pretrain_epochs - 1:02d}.pth'
+    tag = '' if args.seed == 42 else f'_seed{args.seed}'
+    seed = ['--seed', args.seed]
     for name, files in sets.items():
-        pretrained = []
+        pretrain_dir, retrieval_dir, pretrained = f'pretrain_{name}{tag}', f'retrieval_{name}{tag}', []
         if files:
-            step(f'pretrain_{name}', work, 'pretrain.py', '--config', 'configs/shapes/pretrain.yaml',
-                 '--output_dir', work / f'pretrain_{name}', f"train_file=[{','.join(map(str, files))}]",
-                 "laion_path=''", f'max_epoch={args.pretrain_epochs}', done=f'pretrain_{name}/{last}')
-            pretrained = [f"pretrained={work / f'pretrain_{name}' / last}"]
-        step(f'retrieval_{name}', work, 'train_retrieval.py', '--config', 'configs/shapes/retrieval_coco.yaml',
-             '--output_dir', work / f'retrieval_{name}', *pretrained, f'max_epoch={args.finetune_epochs}',
-             done=f'retrieval_{name}/checkpoint_last.pth')
-        lines = [json.loads(line) for line in (work / f'retrieval_{name}' / 'log.txt').read_text().splitlines()]
+            step(pretrain_dir, work, 'pretrain.py', '--config', 'configs/shapes/pretrain.yaml',
+                 '--output_dir', work / pretrain_dir, f"train_file=[{','.join(map(str, files))}]",
+                 "laion_path=''", f'max_epoch={args.pretrain_epochs}', *seed, done=f'{pretrain_dir}/{last}')
+            pretrained = [f'pretrained={work / pretrain_dir / last}']
+        step(retrieval_dir, work, 'train_retrieval.py', '--config', 'configs/shapes/retrieval_coco.yaml',
+             '--output_dir', work / retrieval_dir, *pretrained, f'max_epoch={args.finetune_epochs}', *seed,
+             done=f'{retrieval_dir}/checkpoint_last.pth')
+        lines = [json.loads(line) for line in (work / retrieval_dir / 'log.txt').read_text().splitlines()]
         best = [line for line in lines if line['epoch'] == lines[-1]['best_epoch']][-1]  # chosen by val r_mean
         results[name] = (sum(len(json.loads(f.read_text())) for f in files), best)
 
