@@ -26,14 +26,16 @@ import time
 
 from _common import REPO, code_version, cpu_model, load_average
 
+import reproduce
 from data.synthetic import corrupt_captions
 
-# The toy captioner of tests/test_capfilt_toy.py and the toy filter, the retrieval toy run of
-# tests/conftest.py (keep them the same).
+# The toy captioner of tests/test_capfilt_toy.py (keep the two the same), and the toy filter: the
+# toy suite's retrieval model of configs/expected.yaml, which tests/conftest.py trains too.
 CAPTIONER = ('train_caption.py', 'configs/shapes/caption_coco.yaml',
              ['vit.patch_size=64', 'init_lr=3e-4', 'min_lr=3e-4', 'max_epoch=24'])
-FILTER = ('train_retrieval.py', 'configs/shapes/retrieval_coco.yaml',
-          ['max_epoch=24', 'min_lr=1e-4', 'batch_size_train=4', 'med_config=configs/shapes/med_config_capfilt.json'])
+_RETRIEVAL_TOY = reproduce.load_suite(reproduce.EXPECTED, 'toy')[0]['retrieval']['train']
+FILTER = (_RETRIEVAL_TOY['script'], _RETRIEVAL_TOY['config'], _RETRIEVAL_TOY['overrides'])
+PRETRAIN_LIST = REPO / 'datasets/shapes/annotation/pretrain_synth.json'  # written by the first toy run
 
 
 def step(name, work, script, *args, done):
@@ -72,7 +74,7 @@ def main():
     for name, (script, config, overrides) in (('captioner', CAPTIONER), ('filter', FILTER)):
         step(name, work, script, '--config', config, '--output_dir', work / name, *overrides,
              done=f'{name}/checkpoint_last.pth')
-    entries = json.loads((REPO / 'datasets/shapes/annotation/pretrain_synth.json').read_text())  # written by step 1
+    entries = json.loads(PRETRAIN_LIST.read_text())
     noisy, corrupted = corrupt_captions(entries, args.corrupted, seed=0)
     (work / 'noisy.json').write_text(json.dumps(noisy))
     step('capfilt', work, 'capfilt.py', '--config', 'configs/shapes/capfilt.yaml', '--output_dir', work / 'capfilt',
@@ -81,8 +83,8 @@ def main():
          f"filter_checkpoint={work / 'filter' / 'checkpoint_last.pth'}", f'itm_threshold={args.itm_threshold}',
          done='capfilt/summary.json')
     summary = json.loads((work / 'capfilt' / 'summary.json').read_text())
-    web = [json.loads(line) for line in (work / 'capfilt' / 'scores.jsonl').read_text().splitlines()
-           if json.loads(line)['source'] == 'web']
+    lines = [json.loads(line) for line in (work / 'capfilt' / 'scores.jsonl').read_text().splitlines()]
+    web = [line for line in lines if line['source'] == 'web']
     removed = sum(not line['kept'] for line, bad in zip(web, corrupted) if bad) / max(1, sum(corrupted))
     kept = sum(line['kept'] for line, bad in zip(web, corrupted) if not bad) / max(1, len(web) - sum(corrupted))
     print(f"filter: {removed:.3f} of the corrupted web captions removed, {kept:.3f} of the correct ones kept; "
@@ -90,7 +92,7 @@ def main():
 
     # the pre-training sets: none (retrieval from scratch), the list before corruption (an upper
     # bound), the noisy list, and CapFilt's two files
-    sets = {'none': [], 'clean': [REPO / 'datasets/shapes/annotation/pretrain_synth.json'],
+    sets = {'none': [], 'clean': [PRETRAIN_LIST],
             'noisy': [work / 'noisy.json'],
             'bootstrapped': [work / 'capfilt' / 'web_filtered.json', work / 'capfilt' / 'synthetic_filtered.json']}
     results = {}

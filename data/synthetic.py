@@ -425,11 +425,12 @@ def corrupt_captions(entries, fraction, seed=0):
     captions_of = {}
     for e in entries:
         captions_of.setdefault(e["image"], set()).add(e["caption"])
+    captions = [e["caption"] for e in entries]
     chosen = set(rng.sample(range(len(entries)), round(fraction * len(entries))))
     noisy, corrupted = [], []
     for i, e in enumerate(entries):
         if i in chosen:
-            others = [o["caption"] for o in entries if o["caption"] not in captions_of[e["image"]]]
+            others = [c for c in captions if c not in captions_of[e["image"]]]
             e = {**e, "caption": rng.choice(others)}
         noisy.append(e)
         corrupted.append(i in chosen)

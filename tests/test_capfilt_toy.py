@@ -81,10 +81,10 @@ def test_synthetic_captions_name_the_colour_far_above_chance(bootstrapped):
 
 def test_pretrain_runs_on_the_bootstrapped_files(bootstrapped, tmp_path):
     _, _, out = bootstrapped
-    files = [str(out / 'web_filtered.json'), str(out / 'synthetic_filtered.json')]
-    assert all(json.loads(open(f).read()) for f in files)  # both keep pairs
+    files = [out / 'web_filtered.json', out / 'synthetic_filtered.json']
+    assert all(json.loads(f.read_text()) for f in files)  # both keep pairs
     with one_thread(), in_repository():
         pretrain.run(['--config', 'configs/shapes/pretrain.yaml', '--output_dir', str(tmp_path), '--device', 'cpu',
-                      f'train_file=[{",".join(files)}]', "laion_path=''", 'max_epoch=1'])
+                      f'train_file=[{",".join(map(str, files))}]', "laion_path=''", 'max_epoch=1'])
     (line,) = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert line['epoch'] == 0 and all(0 < float(line[f'train_loss_{k}']) < 100 for k in ('ita', 'itm', 'lm'))
