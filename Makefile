@@ -14,7 +14,7 @@ LATEST_BIN := $(LATEST)/bin
 # pip's output cut to one line per package it fetches, then its summary (pipefail keeps its exit status)
 PIP_SUMMARY := awk '/^Collecting /{print "  " $$2; fflush()} /^(Successfully installed|ERROR)/{print; fflush()}'
 
-.PHONY: test test-latest demo venv clean
+.PHONY: test test-fast lint test-latest demo venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,14 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The edit cycle: everything but the tests marked slow (toy training runs, whole scripts).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+# Unused and undefined names, import order (settings in pyproject.toml); CI runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 demo: $(STAMP)
 	$(BIN)/python demo.py

@@ -31,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import engine
 import ranking
 import utils
 from data import eval_transform
 from data.utils import DataError, load_image, load_json, pre_caption, write_json_atomic
-from models.blip import blip_decoder
+from engine import cli, logs, precision, preflight, training
+from engine.config import ConfigError
+from engine.fileio import atomic_write
+from models.blip import blip_decoder, require_weights
 from models.blip_itm import blip_itm
 
 REQUIRED_KEYS = ('train_file', 'captioner_checkpoint', 'filter_checkpoint', 'vit', 'image_size')
@@ -138,13 +140,13 @@ def process_chunk(chunk, entries, models, device, config, seed):
         if captioner is not None:
             # each batch its own seed: the samples do not depend on what ran before
             torch.manual_seed(seed + 1_000_003 * chunk + batch_number)
-            with engine.autocast(config, device):
+            with precision.autocast(config, device):
                 synthetic = captioner.generate(images, sample=True, top_p=config['top_p'],
                                                max_length=config['max_length'], min_length=config['min_length'],
                                                num_captions=config['num_captions'])
             texts, owners, sources = _merge_by_image(texts, owners, sources, synthetic, config['num_captions'])
         if filter_model is not None and texts:
-            with engine.autocast(config, device):
+            with precision.autocast(config, device):
                 image_feats = filter_model.visual_encoder(images)
                 image_embeds = F.normalize(filter_model.vision_proj(image_feats[:, 0, :]).float(), dim=-1)
             itm, itc = ranking.match_scores(filter_model, image_feats, image_embeds,
@@ -181,10 +183,11 @@ def load_models(config, device):
             models.append(None)
             continue
         if not config[key]:
-            raise utils.ConfigError(f'{key} is empty: CapFilt needs a trained model there (a random one would '
+            raise ConfigError(f'{key} is empty: CapFilt needs a trained model there (a random one would '
                                     f'caption or filter at chance)')
         model = factory(pretrained=config[key], **options, **keys)
-        engine.require_trained_weights(model, {'pretrained': config[key]})
+        require_weights(model, config[key], f'{key} must be a trained model (a random one would caption or '
+                                            f'filter at chance)')
         models.append(model.to(device).eval())
     return tuple(models)
 
@@ -194,9 +197,10 @@ def merge_outputs(output_dir, num_chunks, config, num_images, empty_captions, se
     parts = os.path.join(output_dir, PARTS)
     counts = {source: {'texts': 0, 'kept': 0} for source in ('web', 'synthetic')}
     skipped, worked = [], 0.0
-    with open(os.path.join(output_dir, 'scores.jsonl.tmp'), 'w') as scores, \
-            open(os.path.join(output_dir, 'web_filtered.json.tmp'), 'w') as web, \
-            open(os.path.join(output_dir, 'synthetic_filtered.json.tmp'), 'w') as synthetic:
+    # each output appears whole or not at all (a kill mid-merge leaves the previous files)
+    with atomic_write(os.path.join(output_dir, 'scores.jsonl'), 'w') as scores, \
+            atomic_write(os.path.join(output_dir, 'web_filtered.json'), 'w') as web, \
+            atomic_write(os.path.join(output_dir, 'synthetic_filtered.json'), 'w') as synthetic:
         outputs = {'web': web, 'synthetic': synthetic}
         for out in outputs.values():
             out.write('[')
@@ -216,8 +220,6 @@ def merge_outputs(output_dir, num_chunks, config, num_images, empty_captions, se
                     count['kept'] += 1
         for out in outputs.values():
             out.write(']\n')
-    for name in ('scores.jsonl', 'web_filtered.json', 'synthetic_filtered.json'):
-        os.replace(os.path.join(output_dir, name + '.tmp'), os.path.join(output_dir, name))
     for count in counts.values():
         count['kept_fraction'] = count['kept'] / count['texts'] if count['texts'] else None
     summary = {
@@ -235,7 +237,7 @@ def merge_outputs(output_dir, num_chunks, config, num_images, empty_captions, se
 
 def main(args, config, device):
     if config['filter_only'] and config['caption_only']:
-        raise utils.ConfigError(f'config file {args.config}: filter_only and caption_only exclude each other')
+        raise ConfigError(f'config file {args.config}: filter_only and caption_only exclude each other')
     entries, empty_captions = read_entries(config)
     print(f'CapFilt: {len(entries)} images from {len(train_files(config))} file(s)')
     models = load_models(config, device)
@@ -265,17 +267,17 @@ def main(args, config, device):
         if summary['images_skipped']:
             print(f"CapFilt: {summary['images_skipped']} image(s) could not be read and were skipped "
                   f"(listed in {os.path.join(args.output_dir, 'summary.json')})")
-    engine.print_elapsed(start_time, 'CapFilt time')
+    logs.print_elapsed(start_time, 'CapFilt time')
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP CapFilt: caption and filter a noisy image-text dataset', './configs/capfilt.yaml', 'output/CapFilt',
-        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv, doc=__doc__)
     files = [] if config['filter_only'] else ['captioner_checkpoint']
     files += [] if config['caption_only'] else ['filter_checkpoint']
-    engine.check_paths(config, args.config, files=files)
-    device = engine.setup(args, config)
+    preflight.check_paths(config, args.config, files=files)
+    device = training.setup(args, config)
     main(args, config, device)
 
 

@@ -28,13 +28,16 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from math import comb
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
-import utils  # noqa: E402
+from engine.cli import HelpFormatter  # noqa: E402
+from engine.config import load_config  # noqa: E402
+
 CONFIG = os.path.join('configs', 'shapes', 'retrieval_coco.yaml')
 OUTPUT_DIR = os.path.join('output', 'demo')
 RECALL_KEYS = ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean', 'img_r1', 'img_r5', 'img_r10',
@@ -67,16 +70,14 @@ def chance_recall(txt2img, img2txt):
 
 def test_split_chance(config_path, overrides=()):
     """chance_recall of the test split a retrieval config names."""
-    import train_retrieval
-    import utils
     from data import create_dataset
-    config = utils.load_config(config_path, overrides, defaults=train_retrieval.TASK_DEFAULTS)
+    config = load_config(config_path, overrides)
     _, _, test_dataset = create_dataset(f"retrieval_{config['dataset']}", config)
     return chance_recall(test_dataset.txt2img, test_dataset.img2txt)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=utils.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter,
                                      epilog='examples:\n  make demo\n  python demo.py max_epoch=2\n'
                                             '  python demo.py --seed 1 --output_dir output/demo_seed1')
     parser.add_argument('--seed', type=int, default=42, help='seed of the training run')
@@ -85,23 +86,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     os.chdir(REPO)  # the toy config's paths are relative to the repository
-    sys.path.insert(0, REPO)
-    import torch
-    import train_retrieval
-
-    # One thread: the same numbers on every machine, and no slowdown from oversubscribed
-    # cores when something else runs (the tiny model gains little from more threads).
-    torch.set_num_threads(1)
 
     # a fresh run every time (train_retrieval would otherwise resume from output_dir)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     start = time.time()
-    train_retrieval.run(['--config', CONFIG, '--output_dir', args.output_dir, '--device', 'cpu',
-                         '--seed', str(args.seed), *args.overrides])
+    # One thread: the same numbers on every machine, and no slowdown from oversubscribed
+    # cores when something else runs (the tiny model gains little from more threads).
+    subprocess.run([sys.executable, 'train_retrieval.py', '--config', CONFIG, '--output_dir', args.output_dir,
+                    '--device', 'cpu', '--seed', str(args.seed), *args.overrides],
+                   env={**os.environ, 'OMP_NUM_THREADS': '1'}, check=True)
     with open(os.path.join(args.output_dir, 'log.txt')) as f:
         last_epoch = [json.loads(line) for line in f if line.strip()][-1]
     recall = {key: last_epoch[f'test_{key}'] for key in RECALL_KEYS}
-    chance = test_split_chance(CONFIG, args.overrides)
+    chance = test_split_chance(os.path.join(args.output_dir, 'config.yaml'))  # the run's config, overrides included
     print(f'demo: {time.time() - start:.0f} s; test recall of the best epoch ({last_epoch["best_epoch"]}) '
           f'and, under "chance", that of a random ranking:', flush=True)
     print(json.dumps({**{k: round(v, 2) for k, v in recall.items()},

@@ -14,12 +14,13 @@ also scored locally (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and written to evaluate.
 """
 import os
 
-import engine
 import utils
+from captioning import generate_captions
 from data import create_dataset, create_loader, create_sampler
-from data.utils import caption_eval, save_result
+from data.utils import save_result
+from engine import checkpoints, cli, logs, preflight, training
+from metrics import caption_eval
 from models.blip import blip_decoder
-from train_caption import evaluate
 
 # Keys of configs/nocaps.yaml, all read below.
 REQUIRED_KEYS = ('image_root', 'ann_root', 'pretrained', 'vit', 'batch_size', 'image_size',
@@ -46,7 +47,7 @@ def main(args, config, device):
     #### Dataset ####
     print('Creating captioning dataset')
     datasets = create_dataset('nocaps', config)
-    engine.check_images(datasets, config)
+    preflight.check_images(datasets, config)
     # each rank captions its share; the padded repeats are dropped by save_result
     samplers = create_sampler(datasets, [False, False], utils.get_world_size(), utils.get_rank())
     loaders = create_loader(datasets, samplers, batch_size=[config['batch_size']] * 2,
@@ -58,13 +59,15 @@ def main(args, config, device):
     model = blip_decoder(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                          vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
                          prompt=config['prompt'], med_config=config['med_config'])
+    if not args.resume:  # (a --resume checkpoint replaces every weight)
+        training.require_trained_weights(model, config)
     model = model.to(device)
-    engine.resume(args, model)  # --resume FILE: that training checkpoint's weights
+    checkpoints.resume(args, model)  # --resume FILE: that training checkpoint's weights
 
     metrics = {}
     for split, loader in zip(SPLITS, loaders):
-        result = evaluate(model, loader, device, config, repetition_penalty=REPETITION_PENALTY,
-                          header=f'Evaluation ({split}):')
+        result = generate_captions(model, loader, device, config, repetition_penalty=REPETITION_PENALTY,
+                                   header=f"Evaluation ({split}):")
         result_file = save_result(result, args.result_dir, split, remove_duplicate='image_id')
         gt_file = config[f'{split}_gt_file']
         if gt_file and utils.is_main_process():
@@ -72,17 +75,17 @@ def main(args, config, device):
             metrics.update({f'{split}_{k}': v for k, v in scores.eval.items()})
     if metrics:
         print(metrics)
-        engine.log_json(args.output_dir, metrics, filename='evaluate.txt')
+        logs.log_json(args.output_dir, metrics, filename='evaluate.txt')
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP zero-shot captioning on NoCaps', './configs/nocaps.yaml', 'output/NoCaps',
-        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv, doc=__doc__)
     args.evaluate = True  # evaluation only: --resume loads weights, nothing resumes on its own
-    engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
+    preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
     check_gt_files(config, args.config)
-    device = engine.setup(args, config)
+    device = training.setup(args, config)
     args.result_dir = os.path.join(args.output_dir, 'result')
     os.makedirs(args.result_dir, exist_ok=True)
     main(args, config, device)

@@ -13,15 +13,15 @@ their means, and the median rank of text-to-video retrieval (vid_mdR), in test_r
 """
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import engine
 import ranking
 import utils
 from data import create_dataset
+from engine import cli, logs, precision, preflight, training
+from metrics import itm_eval_video as itm_eval  # the original's name, kept importable here
 from models.blip_retrieval import blip_retrieval
 
 # Keys of configs/retrieval_msrvtt.yaml, all read below.
@@ -45,7 +45,7 @@ def video_features(model, data_loader, device, config):
     for video, _ in metric_logger.log_every(data_loader, 50, 'Video features:'):
         batch, num_frames = video.shape[:2]
         frames = video.flatten(0, 1).to(device, non_blocking=True)  # (B * N, C, H, W)
-        with engine.autocast(config, device):
+        with precision.autocast(config, device):
             frame_feat = model.visual_encoder(frames)
             frame_embed = model.vision_proj(frame_feat[:, 0, :])
         # ITC: the average of the frames' projected features, normalised afterwards
@@ -68,34 +68,10 @@ def evaluation(model, data_loader, device, config):
     v2t_idx, v2t_score, t2v_idx, t2v_score = ranking.rank(model, video_embeds, video_feats, text_embeds,
                                                           text_ids, text_atts, device, config)
 
-    engine.print_elapsed(start_time, 'Evaluation time')
+    logs.print_elapsed(start_time, 'Evaluation time')
     # the dense matrices: vid_mdR needs every text's full rank
     return (ranking.dense(v2t_idx, v2t_score, len(text_embeds)).cpu().numpy(),
             ranking.dense(t2v_idx, t2v_score, len(video_embeds)).cpu().numpy())
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-@torch.no_grad()
-def itm_eval(scores_v2t, scores_t2v, txt2vmg, vid2txt):
-    """Recall@1/5/10 (percent) both ways, their means and the text-to-video median rank (1 = first).
-
-    Keys as the original: txt_r1, txt_r5, txt_r10, txt_r_mean, vid_r1, vid_r5, vid_r10,
-    vid_r_mean, vid_mdR, r_mean. vid2txt maps a video to its text (or list of texts).
-    """
-    recalls = ranking.itm_eval(scores_v2t, scores_t2v, txt2vmg,
-                                       {index: _as_list(vid2txt[index]) for index in range(len(scores_v2t))})
-    # text -> video: the 0-based rank of each text's video (as itm_eval ranks it)
-    ranks = np.array([np.where(np.argsort(score, kind='stable')[::-1] == txt2vmg[index])[0][0]
-                      for index, score in enumerate(scores_t2v)])
-    result = {key: recalls[key] for key in ('txt_r1', 'txt_r5', 'txt_r10', 'txt_r_mean')}
-    for key in ('r1', 'r5', 'r10', 'r_mean'):
-        result[f'vid_{key}'] = recalls[f'img_{key}']
-    result['vid_mdR'] = float(np.median(ranks + 1))
-    result['r_mean'] = recalls['r_mean']
-    return result
 
 
 def main(args, config, device):
@@ -111,7 +87,7 @@ def main(args, config, device):
     model = blip_retrieval(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                            med_config=config['med_config'], embed_dim=config['embed_dim'],
                            queue_size=config['queue_size'])
-    engine.require_trained_weights(model, config)
+    training.require_trained_weights(model, config)
     model = model.to(device)
 
     score_v2t, score_t2v = evaluation(model, test_loader, device, config)
@@ -119,15 +95,16 @@ def main(args, config, device):
     if utils.is_main_process():
         test_result = itm_eval(score_v2t, score_t2v, test_dataset.txt2video, test_dataset.video2txt)
         print('test:', test_result)
-        engine.log_json(args.output_dir, test_result, filename='test_result.txt')
+        logs.log_json(args.output_dir, test_result, filename='test_result.txt')
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP zero-shot text-video retrieval (MSRVTT)', './configs/retrieval_msrvtt.yaml',
-        'output/Retrieval_msrvtt', defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
-    engine.check_paths(config, args.config, dirs=['video_root'], files=['pretrained'])
-    device = engine.setup(args, config)
+        'output/Retrieval_msrvtt', defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv,
+        doc=__doc__)
+    preflight.check_paths(config, args.config, dirs=['video_root'], files=['pretrained'])
+    device = training.setup(args, config)
     main(args, config, device)
 
 

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 
 import ranking
-from data.user_inputs import ImageReadError, InputError, collect_inputs, is_url, read_image
+from data.user_inputs import ImageReadError, InputError, collect_inputs, read_image
+from engine.cli import HelpFormatter
+from engine.config import ConfigError, load_config
+from engine.fileio import is_url
+from engine.precision import autocast
 from models import zoo
-import utils
-from utils import ConfigError, load_config
 
 CAPTION_DEFAULTS = dict(num_beams=3, max_length=20, min_length=5)  # configs/caption_coco.yaml
 
@@ -112,7 +114,7 @@ def image_embeddings(model, transform, paths, args, device):
         failed += unreadable
         kept += batch
         if batch:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+            with torch.no_grad(), autocast(args.amp, device):
                 feats = model.visual_encoder(images.to(device))
                 embeds.append(F.normalize(model.vision_proj(feats[:, 0, :]).float(), dim=-1).cpu())
     width = model.vision_proj.out_features
@@ -171,7 +173,7 @@ def run_search(args):
         sims, shortlist = ranking.shortlist(query_embeds.cpu(), image_embeds, args.k_test)
         for q, query in enumerate(queries):
             images = torch.stack([transform(read_image(paths[i])) for i in shortlist[q].tolist()]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+            with autocast(args.amp, device):
                 feats = model.visual_encoder(images)
             logits = ranking.score_pairs(model, feats, ids[q:q + 1], atts[q:q + 1], torch.arange(len(images)),
                                          torch.zeros(len(images), dtype=torch.long), device, {'amp': args.amp},
@@ -211,7 +213,7 @@ class ResultWriter:
             with open(self.path, 'wb') as f:
                 f.write(data)
         text = data.decode('utf-8')
-        rows = csv.DictReader(text.splitlines()) if self.is_csv else (json.loads(l) for l in text.splitlines() if l)
+        rows = csv.DictReader(text.splitlines()) if self.is_csv else (json.loads(line) for line in text.splitlines() if line)
         for row in rows:
             self.done.add(self.key(row))
 
@@ -324,7 +326,7 @@ def run(args):
     for batch, images, unreadable in image_batches(todo, transform, args, path_of=lambda record: record['image']):
         failed += unreadable
         if batch:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == 'bf16'):
+            with torch.no_grad(), autocast(args.amp, device):
                 results = function(model, images.to(device), batch, args)
             writer.write(results)
             if getattr(args, 'sidecar', False):
@@ -362,12 +364,12 @@ def load_answer_list(path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     tasks = parser.add_subparsers(dest='task', required=True)
     tasks.add_parser('models', help='list the model zoo')
 
     def task_parser(name, help_text, inputs='+'):
-        p = tasks.add_parser(name, help=help_text, formatter_class=utils.HelpFormatter)
+        p = tasks.add_parser(name, help=help_text, formatter_class=HelpFormatter)
         if inputs:
             p.add_argument('inputs', nargs=inputs, help='image files, folders, globs, URLs, .txt or .jsonl lists')
         p.add_argument('--model', required=True, help='zoo name (see `predict.py models`) or checkpoint')

@@ -20,9 +20,9 @@ import os
 import time
 from functools import partial
 
-import engine
 import utils
 from data import create_dataset, create_loader, create_sampler
+from engine import checkpoints, cli, logs, loop, preflight, training
 from models.blip_pretrain import DEFAULT_VIT_CHECKPOINTS, blip_pretrain
 
 # Keys of configs/pretrain.yaml, all read below.
@@ -97,51 +97,50 @@ def main(args, config, device):
                           med_config=config['med_config'], embed_dim=config['embed_dim'],
                           momentum=config['momentum'], vit_checkpoint=config['vit_checkpoint'] or None,
                           bert_checkpoint=config['bert_checkpoint'] or None)
-    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
-
+    run = training.prepare_training(model, args, config, device)
     weights = loss_weights(config, args.config)
-    print('Start training')
-    start_time = time.time()
-    for epoch in range(state.start_epoch, config['max_epoch']):
-        utils.step_lr_schedule(optimizer, epoch, config['init_lr'], config['min_lr'], config['lr_decay_rate'])
+
+    def train_epoch(epoch):
+        nonlocal data_loader
+        utils.step_lr_schedule(run.optimizer, epoch, config['init_lr'], config['min_lr'], config['lr_decay_rate'])
         if config['laion_path']:
             # this epoch's LAION shard; the shard's size may differ, so the sampler is rebuilt
             dataset.reload_laion(epoch)
             data_loader = build_loader(dataset, config)
-        engine.set_epoch(data_loader, epoch)
+        loop.set_epoch(data_loader, epoch)
 
         # linear warm-up during the first epoch, one value per optimizer step
         warmup = None
         if epoch == 0:
-            warmup = partial(utils.warmup_lr_schedule, optimizer, max_step=config['warmup_steps'],
+            warmup = partial(utils.warmup_lr_schedule, run.optimizer, max_step=config['warmup_steps'],
                              init_lr=config['warmup_lr'], max_lr=config['init_lr'])
-        train_stats = engine.train_one_epoch(model, data_loader, optimizer, epoch, device, config,
-                                             partial(train_step, config=config, device=device),
-                                             scaler=scaler, state=state, lr_fn=warmup, window_size=50,
-                                             loss_weights=weights)
+        return loop.train_one_epoch(run.model, data_loader, run.optimizer, epoch, device, config,
+                                    partial(train_step, config=config, device=device), scaler=run.scaler,
+                                    state=run.state, lr_fn=warmup, window_size=50, loss_weights=weights)
 
-        engine.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
-                          model_without_ddp, optimizer, config, epoch)
-        engine.log_json(args.output_dir, {**engine.split_stats(train=train_stats), 'epoch': epoch})
-        engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config, epoch, state)
-        engine.end_epoch(device)
+    print('Start training')
+    start_time = time.time()
+    for epoch, train_stats in run.epochs(train_epoch, evaluates=False):
+        checkpoints.save_model(os.path.join(args.output_dir, f'checkpoint_{epoch:02d}.pth'),
+                               run.model_without_ddp, run.optimizer, config, epoch)
+        logs.log_json(args.output_dir, {**logs.split_stats(train=train_stats), 'epoch': epoch})
 
-    engine.print_elapsed(start_time)
+    logs.print_elapsed(start_time)
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP pre-training (ITC + ITM + LM)', './configs/pretrain.yaml', 'output/Pretrain',
-        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv, doc=__doc__)
     if args.evaluate:
         raise SystemExit('pretrain.py has no evaluation: run it without --evaluate')
-    engine.check_paths(config, args.config, dirs=['laion_path'],
+    preflight.check_paths(config, args.config, dirs=['laion_path'],
                        files=[] if config['vit_checkpoint'] == 'default' else ['vit_checkpoint'])
     if config['vit_checkpoint'] == 'default' and DEFAULT_VIT_CHECKPOINTS.get(str(config['vit'])):
-        engine.check_url(DEFAULT_VIT_CHECKPOINTS[config['vit']], f'{args.config}: vit_checkpoint (default)')
+        preflight.check_url(DEFAULT_VIT_CHECKPOINTS[config['vit']], f'{args.config}: vit_checkpoint (default)')
     check_train_files(config, args.config)
     loss_weights(config, args.config)
-    device = engine.setup(args, config)
+    device = training.setup(args, config)
     main(args, config, device)
 
 

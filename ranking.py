@@ -3,7 +3,7 @@
 For every image the `k` texts of highest ITC similarity are its candidates, and for every text
 the `k` images; each candidate pair is scored once, by its raw ITM logit (class 1) plus its ITC
 similarity (the original's score). train_retrieval.py and eval_retrieval_video.py evaluate with
-it; anything else that ranks texts against images (search over a gallery, dataset filtering)
+it (evaluate_split: one split's recall@K, dense or from the top-k lists); anything else that ranks texts against images (search over a gallery, dataset filtering)
 should import it too.
 
 Memory is O((images + texts) x k): similarities are computed a block of rows at a time and only
@@ -13,16 +13,20 @@ without copies). Under N processes each rank ranks a contiguous block of image r
 rows (the original's split) and the top-k lists are summed over ranks.
 """
 import contextlib
+import datetime
 import hashlib
 import os
+import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import engine
 import utils
+from engine import precision
+from engine.fileio import CheckpointError, load_checkpoint_file, save_checkpoint
+from metrics import itm_eval, itm_eval_topk
 
 TEXT_BATCH = 256               # texts per forward for text features (the original's)
 SIM_BLOCK_ELEMENTS = 2 ** 25   # similarities per block of rows (128 MB of float32)
@@ -30,6 +34,8 @@ ITC_ONLY_K = 10                # candidates kept when k_test is 0 (enough for re
 PAIRS_PER_FORWARD = 256        # default `rerank_batch_size`: (image, text) pairs per ITM forward
 IMAGES_PER_FORWARD = 32        # at most this many images' keys/values in one forward
 SAVE_EVERY_S = 60.0            # resumable re-ranking: seconds between progress files
+DENSE_LIMIT = 2 ** 28          # eval_mode auto: dense matrices up to this many entries (1 GB each in float32)
+TOKENS_IN_MEMORY_BYTES = 32 * 2 ** 30  # eval_tokens auto: image tokens past this go to a memory-mapped file
 
 
 @torch.no_grad()
@@ -39,7 +45,7 @@ def text_features(model, texts, device, config, quiet=False):
     for i in _progress(range(0, len(texts), TEXT_BATCH), 'Text features:', quiet):
         text_input = model.tokenizer(texts[i:i + TEXT_BATCH], padding='max_length', truncation=True,
                                      max_length=35, return_tensors='pt').to(device)
-        with engine.autocast(config, device):
+        with precision.autocast(config, device):
             text_output = model.text_encoder(text_input.input_ids, attention_mask=text_input.attention_mask,
                                              mode='text')
             text_embed = model.text_proj(text_output.last_hidden_state[:, 0, :])
@@ -65,7 +71,7 @@ def image_features(model, data_loader, device, config, token_file=None):
     image_feats, image_embeds, stored, done = [], [], None, 0
     for image, _ in metric_logger.log_every(data_loader, 50, 'Image features:'):
         image = image.to(device)
-        with engine.autocast(config, device):
+        with precision.autocast(config, device):
             image_feat = model.visual_encoder(image)
             image_embed = model.vision_proj(image_feat[:, 0, :])
         image_embeds.append(F.normalize(image_embed.float(), dim=-1))
@@ -160,7 +166,7 @@ def _score_forward(model, units, image_feats, text_ids, text_atts, device, confi
     feats = image_feats[torch.tensor([image for image, _ in units])].to(device)
     if config.get('amp', 'none') == 'none':
         feats = feats.float()  # tokens stored in half precision (token_file) go back to float32
-    with engine.autocast(config, device):
+    with precision.autocast(config, device):
         cross_kv = model.text_encoder.compute_cross_kv(feats)
         # every image token is visible, so no image mask is needed (the original's all-ones one)
         output = model.text_encoder(ids, attention_mask=atts, cross_kv=cross_kv, return_dict=True)
@@ -189,8 +195,8 @@ class _ProgressDir:
             if name.endswith('.pt'):
                 path = os.path.join(self.folder, name)
                 try:
-                    part = utils.load_checkpoint_file(path)
-                except utils.CheckpointError:
+                    part = load_checkpoint_file(path)
+                except CheckpointError:
                     continue  # a part cut short by a kill: its units are scored again
                 done.update(zip(part['units'], part['scores']))
         if done:
@@ -210,7 +216,7 @@ class _ProgressDir:
         os.makedirs(self.folder, exist_ok=True)
         part = {'units': [n for numbers, _ in self.pending for n in numbers],
                 'scores': [s for _, scores in self.pending for s in scores]}
-        utils.save_checkpoint(part, os.path.join(self.folder, f"part-{part['units'][0]:09d}.pt"))
+        save_checkpoint(part, os.path.join(self.folder, f"part-{part['units'][0]:09d}.pt"))
         self.pending, self.last_save = [], time.time()
 
     def finish(self):
@@ -347,64 +353,74 @@ def dense(indices, scores, num_columns, filler=-100.0):
     return matrix.scatter_(1, indices, scores)
 
 
-# --------------------------------------------------------------------------- recall@K
-
-def _recalls(i2t_ranks, t2i_ranks):
-    """Recall@1/5/10 (percent) both ways and their means from 0-based ranks (as the original)."""
-    def recall(ranks, k):
-        return 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
-    tr1, tr5, tr10 = (recall(i2t_ranks, k) for k in (1, 5, 10))
-    ir1, ir5, ir10 = (recall(t2i_ranks, k) for k in (1, 5, 10))
-    tr_mean = (tr1 + tr5 + tr10) / 3
-    ir_mean = (ir1 + ir5 + ir10) / 3
-    r_mean = (tr_mean + ir_mean) / 2
-    return {'txt_r1': tr1, 'txt_r5': tr5, 'txt_r10': tr10, 'txt_r_mean': tr_mean,
-            'img_r1': ir1, 'img_r5': ir5, 'img_r10': ir10, 'img_r_mean': ir_mean,
-            'r_mean': r_mean}
-
+# --------------------------------------------------------------------------- a retrieval split
 
 @torch.no_grad()
-def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
-    """Recall@1/5/10 (percent) in both directions and their means, as the original computes them.
+def evaluation_topk(model, data_loader, device, config):
+    """Top-k ranking of the eval set: (i2t_idx, i2t_score, t2i_idx, t2i_score).
 
-    Rows are ordered by a stable sort, so equal scores rank the higher index first (the
-    original's quicksort leaves their order unspecified); itm_eval_topk follows the same rule.
+    LongTensor / FloatTensor of shapes (images, k) and (texts, k), candidates by descending
+    score: ITC similarity picks each row's k = k_test candidates, re-scored by ITM logit
+    (class 1) + similarity; k_test 0 ranks by ITC alone (ITC_ONLY_K candidates). Memory
+    is O((images + texts) x k). Optional config keys: `eval_progress_dir` (re-ranking progress
+    is saved there and a rerun continues from it), `eval_tokens` (memory|disk|auto: the image
+    tokens kept for re-ranking in host memory or in a memory-mapped float16 file in
+    `eval_work_dir`), `rerank_batch_size` (pairs per ITM forward).
     """
-    # image -> text: the rank of the best-placed of the image's captions
-    ranks = np.zeros(scores_i2t.shape[0])
-    for index, score in enumerate(scores_i2t):
-        order = np.argsort(score, kind='stable')[::-1]
-        ranks[index] = min((np.where(order == i)[0][0] for i in img2txt[index]), default=1e20)
-    i2t_ranks = ranks
+    model.eval()
+    print('Computing features for evaluation...')
+    start_time = time.time()
+    texts, num_images = data_loader.dataset.text, len(data_loader.dataset)
+    text_ids, text_atts, text_embeds = text_features(model, texts, device, config)
+    token_file = _token_file(model, config, num_images)
+    image_feats, image_embeds = image_features(model, data_loader, device, config, token_file)
+    try:
+        result = rank(model, image_embeds, image_feats, text_embeds, text_ids, text_atts, device, config,
+                              progress_dir=config.get('eval_progress_dir'))
+    finally:
+        del image_feats
+        if token_file is not None:
+            os.remove(token_file)
+    print(f'Evaluation time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    return tuple(tensor.cpu() for tensor in result)
 
-    # text -> image: the rank of the caption's image
-    ranks = np.zeros(scores_t2i.shape[0])
-    for index, score in enumerate(scores_t2i):
-        order = np.argsort(score, kind='stable')[::-1]
-        ranks[index] = np.where(order == txt2img[index])[0][0]
-    return _recalls(i2t_ranks, ranks)
+
+def _token_file(model, config, num_images):
+    """Where re-ranking keeps the image tokens: None (host memory) or a .npy file to memory-map."""
+    mode = config.get('eval_tokens', 'auto')
+    if mode not in ('auto', 'memory', 'disk'):
+        raise ValueError(f"eval_tokens must be auto, memory or disk, not {mode!r}")
+    vit = model.visual_encoder
+    nbytes = num_images * (vit.patch_embed.num_patches + 1) * vit.embed_dim * 4
+    if mode == 'memory' or (mode == 'auto' and nbytes <= TOKENS_IN_MEMORY_BYTES):
+        return None
+    folder = config.get('eval_work_dir') or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f'image_tokens_rank{utils.get_rank()}.npy')
 
 
-def itm_eval_topk(i2t_idx, t2i_idx, txt2img, img2txt):
-    """itm_eval's dict from top-k candidate lists (evaluation_topk's, best first).
-
-    A row's rank is the position of its first ground truth in its list. It equals itm_eval on
-    the dense matrices whenever k >= 10 (a ground truth outside the list is then missed by
-    recall@10 in both). Below k = 10 a ground truth outside the list counts as not retrieved,
-    where the original ranks it among the -100 fillers, an order numpy's sort leaves to chance.
-    """
-    i2t_idx, t2i_idx = torch.as_tensor(i2t_idx), torch.as_tensor(t2i_idx)
+def evaluation(model, data_loader, device, config):
+    """Score matrices (images x texts, texts x images) as numpy arrays, as the original: each
+    row's top-k candidates hold their scores (evaluation_topk), every other entry -100."""
+    i2t_idx, i2t_score, t2i_idx, t2i_score = evaluation_topk(model, data_loader, device, config)
     num_images, num_texts = len(i2t_idx), len(t2i_idx)
-    owner = torch.full((num_texts,), -1, dtype=torch.long)  # the image each text belongs to
-    for image in range(num_images):
-        texts = img2txt[image]
-        owner[torch.as_tensor(texts if isinstance(texts, (list, tuple)) else [texts], dtype=torch.long)] = image
-    i2t_hits = owner[i2t_idx] == torch.arange(num_images)[:, None]
-    t2i_hits = t2i_idx == torch.as_tensor([txt2img[text] for text in range(num_texts)])[:, None]
-    return _recalls(_first_hit(i2t_hits), _first_hit(t2i_hits))
+    return dense(i2t_idx, i2t_score, num_texts).numpy(), dense(t2i_idx, t2i_score, num_images).numpy()
 
 
-def _first_hit(hits):
-    """0-based position of the first True per row, 1e20 where there is none (as itm_eval)."""
-    first = hits.float().argmax(dim=1).double()
-    return torch.where(hits.any(dim=1), first, torch.full_like(first, 1e20)).numpy()
+def use_topk(config, num_images, num_texts):
+    """Whether the scripts evaluate through the top-k lists (`eval_mode: topk`, or `auto` and a
+    gallery whose dense matrices would pass DENSE_LIMIT entries); the metrics are the same."""
+    mode = config.get('eval_mode', 'auto')
+    if mode not in ('auto', 'dense', 'topk'):
+        raise ValueError(f"eval_mode must be auto, dense or topk, not {mode!r}")
+    return mode == 'topk' or (mode == 'auto' and num_images * num_texts > DENSE_LIMIT)
+
+
+def evaluate_split(model, data_loader, device, config):
+    """itm_eval's metrics of one split on the main process (None elsewhere), dense or top-k."""
+    dataset = data_loader.dataset
+    if use_topk(config, len(dataset), len(dataset.text)):
+        i2t_idx, _, t2i_idx, _ = evaluation_topk(model, data_loader, device, config)
+        return itm_eval_topk(i2t_idx, t2i_idx, dataset.txt2img, dataset.img2txt) if utils.is_main_process() else None
+    score_i2t, score_t2i = evaluation(model, data_loader, device, config)
+    return itm_eval(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt) if utils.is_main_process() else None

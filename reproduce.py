@@ -27,7 +27,9 @@ import subprocess
 import sys
 import time
 
-import utils
+from engine.cli import HelpFormatter
+from engine.config import ConfigError, load_config
+from engine.fileio import atomic_write
 from models.zoo import ZOO
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -38,23 +40,23 @@ RESULTS, TABLE = 'reproduce.jsonl', 'reproduce.md'
 
 def load_suite(path, suite):
     """(models, rows) of one suite of the expected-numbers file, checked enough to name a mistake."""
-    expected = utils.load_config(path)
+    expected = load_config(path)
     if suite not in expected:
-        raise utils.ConfigError(f"{path}: no suite {suite!r} (suites: {', '.join(expected)})")
+        raise ConfigError(f"{path}: no suite {suite!r} (suites: {', '.join(expected)})")
     models, rows = expected[suite].get('models', {}), expected[suite].get('rows', [])
     for row in rows:
         for key in ('task', 'script', 'config', 'model', 'result', 'metrics'):
             if key not in row:
-                raise utils.ConfigError(f"{path}: suite {suite}: row {row.get('task', '?')!r} has no {key!r}")
+                raise ConfigError(f"{path}: suite {suite}: row {row.get('task', '?')!r} has no {key!r}")
         if row['model'] not in models:
-            raise utils.ConfigError(f"{path}: suite {suite}: row {row['task']!r}: unknown model {row['model']!r}")
+            raise ConfigError(f"{path}: suite {suite}: row {row['task']!r}: unknown model {row['model']!r}")
         spec = models[row['model']]
         if not ({'zoo', 'file', 'train'} & set(spec)) or ('zoo' in spec and spec['zoo'] not in ZOO):
-            raise utils.ConfigError(f"{path}: suite {suite}: model {row['model']!r} needs zoo: NAME (one of "
+            raise ConfigError(f"{path}: suite {suite}: model {row['model']!r} needs zoo: NAME (one of "
                                     f"models/zoo.py), file: PATH or train: {{script, config, overrides}}")
         for metric in row['metrics']:
             if 'tolerance' not in metric and not metric.get('at_least'):
-                raise utils.ConfigError(f"{path}: row {row['task']!r} metric {metric['key']!r}: "
+                raise ConfigError(f"{path}: row {row['task']!r} metric {metric['key']!r}: "
                                         f"give a tolerance or at_least: true")
     return models, rows
 
@@ -81,7 +83,7 @@ def report_data(rows, data_root):
         print(f"{row['task']}: {'ready' if not missing else 'MISSING DATA'}  ({row.get('title', '')})")
         for path, state in status:
             if state != 'ok':
-                what = {'missing': 'missing (see README, "Reproducing the paper", for where to get it)',
+                what = {'missing': 'missing (see docs/reproducing.md for where to get it)',
                         'download': 'not there yet: downloaded on first use (offline: copy it there)',
                         'optional': 'not there: optional, the row is reported for the server without it'}[state]
                 print(f"    {path}: {what}")
@@ -130,7 +132,7 @@ def run_script(argv, log_path):
 
 def data_overrides(config_path, data_root):
     """KEY=VALUE overrides that move the config's datasets/ paths under data_root."""
-    config = utils.load_config(os.path.join(REPO, config_path))
+    config = load_config(os.path.join(REPO, config_path))
     overrides = []
     for key, value in config.items():
         if isinstance(value, str) and value.startswith(CONFIG_DATA_PREFIX):
@@ -291,14 +293,13 @@ def write_table(path, rows, results, blocked, args):
             notes.append(f"- {row['task']}: {row['note']}")
     if notes:
         out += ['', 'Notes:', *notes]
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    with atomic_write(path, 'w', encoding='utf-8') as f:
         f.write('\n'.join(out) + '\n')
-    os.replace(path + '.tmp', path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=utils.HelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog='examples:\n' + '\n'.join(
                                          '  ' + line.strip() for line in __doc__.splitlines()
                                          if line.startswith('    python')))
@@ -344,7 +345,7 @@ def main(argv=None):
             continue
         try:
             lines = evaluate_row(row, models, args)
-        except (RuntimeError, OSError, utils.ConfigError) as error:
+        except (RuntimeError, OSError, ConfigError) as error:
             print(f"{row['task']}: FAILED: {error}", flush=True)
             lines = [{'task': row['task'], 'metric': m.get('name', m['key']), 'key': m['key'],
                       'expected': m['expected'], 'measured': None, 'difference': None,

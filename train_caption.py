@@ -19,13 +19,14 @@ import os
 import time
 from functools import partial
 
-import torch
-
-import engine
 import utils
+from captioning import generate_captions
 from data import check_dataset_config, create_dataset, create_loader, create_sampler
 from data.custom_dataset import CUSTOM_DEFAULTS
-from data.utils import caption_eval, coco_gt_file, save_result, write_json_atomic
+from data.utils import coco_gt_file, save_result, write_json_atomic
+from engine import cli, logs, loop, preflight, training
+from engine.config import require_keys
+from metrics import caption_eval
 from models.blip import blip_decoder
 
 # Keys of configs/caption_coco.yaml, all read below (the data keys, image_root, ann_root and
@@ -46,27 +47,6 @@ def train_step(model, batch, epoch, i, num_iters, device):
     return {'loss': loss}
 
 
-@torch.no_grad()
-def evaluate(model, data_loader, device, config, repetition_penalty=1.0, header='Caption generation:'):
-    """Caption every image of the loader: [{'image_id': int, 'caption': str}] of this rank.
-
-    Beam search over the batch in one call (the decoder reuses each image's cross-attention
-    keys/values at every step); the prompt is already stripped by model.generate.
-    """
-    model.eval()
-    metric_logger = utils.MetricLogger(delimiter='  ')
-    result = []
-    for image, image_id in metric_logger.log_every(data_loader, 10, header):
-        image = image.to(device, non_blocking=True)
-        with engine.autocast(config, device):
-            captions = model.generate(image, sample=False, num_beams=config['num_beams'],
-                                      max_length=config['max_length'], min_length=config['min_length'],
-                                      repetition_penalty=repetition_penalty)
-        for caption, img_id in zip(captions, image_id):
-            result.append({'image_id': int(img_id), 'caption': caption})
-    return result
-
-
 def ground_truth_files(config, result_dir, **splits):
     """{split: COCO-format ground-truth file}: COCO's own (in coco_gt_root, downloaded when
     missing), or for your own data each split's captions, written to result_dir/<split>_gt.json."""
@@ -84,7 +64,7 @@ def main(args, config, device):
     print('Creating captioning dataset')
     train_dataset, val_dataset, test_dataset = create_dataset(f"caption_{config['dataset']}", config)
     # --evaluate reads no training image: only val/test need to be there
-    engine.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
+    preflight.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
     gt_files = ground_truth_files(config, args.result_dir, val=val_dataset, test=test_dataset)
     # val/test are split over ranks too; the padded repeats are dropped by save_result
     samplers = create_sampler([train_dataset, val_dataset, test_dataset], [True, False, False],
@@ -99,26 +79,22 @@ def main(args, config, device):
     model = blip_decoder(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                          vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
                          prompt=config['prompt'], med_config=config['med_config'])
-    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
+    run = training.prepare_training(model, args, config, device)
+    model_without_ddp, state = run.model_without_ddp, run.state
+
+    def train_epoch(epoch):
+        loop.set_epoch(train_loader, epoch)
+        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
+                                    partial(train_step, device=device), scaler=run.scaler, state=state,
+                                    header=f'Train Caption Epoch: [{epoch}]')
 
     print('Start training')
     start_time = time.time()
-    for epoch in range(state.start_epoch, config['max_epoch']):
-        if not args.evaluate:
-            train_stats = engine.resumed_train_stats(state, epoch)  # resumed before its evaluation: not again
-            if train_stats is None:
-                engine.set_epoch(train_loader, epoch)
-                utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
-                                                     partial(train_step, device=device), scaler=scaler,
-                                                     state=state, header=f'Train Caption Epoch: [{epoch}]')
-                # saved before the evaluation, so a failing one never costs the epoch
-                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
-                                            epoch, state, train_stats=train_stats)
-
-        val_result = evaluate(model_without_ddp, val_loader, device, config)
+    for epoch, train_stats in run.epochs(train_epoch):
+        val_result = generate_captions(model_without_ddp, val_loader, device, config)
         val_result_file = save_result(val_result, args.result_dir, f'val_epoch{epoch}', remove_duplicate='image_id')
-        test_result = evaluate(model_without_ddp, test_loader, device, config)
+        test_result = generate_captions(model_without_ddp, test_loader, device, config)
         test_result_file = save_result(test_result, args.result_dir, f'test_epoch{epoch}', remove_duplicate='image_id')
 
         if utils.is_main_process():
@@ -126,35 +102,30 @@ def main(args, config, device):
             coco_test = caption_eval(gt_files['test'], test_result_file)
 
             if args.evaluate:
-                engine.log_json(args.output_dir, engine.split_stats(val=coco_val.eval, test=coco_test.eval),
-                                filename='evaluate.txt')
+                logs.log_json(args.output_dir, logs.split_stats(val=coco_val.eval, test=coco_test.eval),
+                              filename='evaluate.txt')
             else:
                 # as the original: the best epoch by val CIDEr + BLEU-4
                 score = float(coco_val.eval['CIDEr'] + coco_val.eval['Bleu_4'])  # (a plain float for the checkpoint)
-                engine.update_best(state, score, epoch, args.output_dir, model_without_ddp, optimizer, config)
-                engine.log_json(args.output_dir, {
-                    **engine.split_stats(train=train_stats, val=coco_val.eval, test=coco_test.eval),
+                run.update_best(score, epoch)
+                logs.log_json(args.output_dir, {
+                    **logs.split_stats(train=train_stats, val=coco_val.eval, test=coco_test.eval),
                     'epoch': epoch, 'best_epoch': state.best_epoch})
-        if args.evaluate:
-            break
 
-        engine.mark_evaluated(args.output_dir, epoch, state)  # a resumed run need not evaluate it again
-        engine.end_epoch(device)
-
-    engine.print_elapsed(start_time)
+    logs.print_elapsed(start_time)
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP image captioning (COCO Karpathy splits)', './configs/caption_coco.yaml', 'output/Caption_coco',
         defaults=TASK_DEFAULTS, required=REQUIRED_KEYS,
-        known=OPTIONAL_KEYS, argv=argv)
+        known=OPTIONAL_KEYS, argv=argv, doc=__doc__)
     dataset = f"caption_{config['dataset']}"
     check_dataset_config(dataset, config, args.config)
     if dataset == 'caption_coco':
-        utils.require_keys(config, ['coco_gt_root'], args.config)
-    engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
-    device = engine.setup(args, config)
+        require_keys(config, ['coco_gt_root'], args.config)
+    preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
+    device = training.setup(args, config)
     args.result_dir = os.path.join(args.output_dir, 'result')
     os.makedirs(args.result_dir, exist_ok=True)
     main(args, config, device)

@@ -21,9 +21,9 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import engine
 import utils
 from data import create_dataset, create_loader, create_sampler
+from engine import cli, logs, loop, precision, preflight, training
 from models.blip_nlvr import blip_nlvr
 
 # Keys of configs/nlvr.yaml, all read below.
@@ -87,7 +87,7 @@ def evaluate(model, data_loader, device, config):
     for image0, image1, text, targets in metric_logger.log_every(data_loader, 50, 'Evaluation:'):
         images = torch.cat([image0, image1], dim=0).to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with engine.autocast(config, device):
+        with precision.autocast(config, device):
             prediction = model(images, text, targets=targets, train=False)
         correct += (prediction.argmax(dim=1) == targets).sum()
         count += targets.size(0)
@@ -107,7 +107,7 @@ def main(args, config, device):
     print('Creating dataset')
     train_dataset, val_dataset, test_dataset = create_dataset('nlvr', config)
     # --evaluate reads no training image: only val/test need to be there
-    engine.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
+    preflight.check_images(([] if args.evaluate else [train_dataset]) + [val_dataset, test_dataset], config)
     train_sampler = create_sampler([train_dataset], [True], utils.get_world_size(), utils.get_rank())
     (train_loader,) = create_loader([train_dataset], train_sampler, batch_size=[config['batch_size_train']],
                                     num_workers=[config['num_workers']], is_trains=[True], collate_fns=[None])
@@ -119,53 +119,43 @@ def main(args, config, device):
     model = blip_nlvr(pretrained=config['pretrained'], image_size=config['image_size'], vit=config['vit'],
                       vit_grad_ckpt=config['vit_grad_ckpt'], vit_ckpt_layer=config['vit_ckpt_layer'],
                       med_config=config['med_config'])
-    model, model_without_ddp, optimizer, scaler, state = engine.prepare_training(model, args, config, device)
+    run = training.prepare_training(model, args, config, device)
+    model_without_ddp, state = run.model_without_ddp, run.state
+
+    def train_epoch(epoch):
+        loop.set_epoch(train_loader, epoch)
+        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
+                                    partial(train_step, device=device), scaler=run.scaler, state=state,
+                                    window_size=50, stats_fmt=STATS_FMT)
 
     print('Start training')
     start_time = time.time()
-    for epoch in range(state.start_epoch, config['max_epoch']):
-        if not args.evaluate:
-            train_stats = engine.resumed_train_stats(state, epoch)  # resumed before its evaluation: not again
-            if train_stats is None:
-                engine.set_epoch(train_loader, epoch)
-                utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
-                                                     partial(train_step, device=device), scaler=scaler,
-                                                     state=state, window_size=50, stats_fmt=STATS_FMT)
-                # saved before the evaluation, so a failing one never costs the epoch
-                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
-                                            epoch, state, train_stats=train_stats)
-
+    for epoch, train_stats in run.epochs(train_epoch):
         val_stats = evaluate(model_without_ddp, val_loader, device, config)
         test_stats = evaluate(model_without_ddp, test_loader, device, config)
 
         if utils.is_main_process():
             if args.evaluate:
-                engine.log_json(args.output_dir, engine.split_stats(val=val_stats, test=test_stats))
+                logs.log_json(args.output_dir, logs.split_stats(val=val_stats, test=test_stats))
             else:
                 # as the original: compared at the logged precision; best dev accuracy wins
-                engine.update_best(state, float(val_stats['acc']), epoch, args.output_dir, model_without_ddp,
-                                   optimizer, config)
-                engine.log_json(args.output_dir, {
-                    **engine.split_stats(train=train_stats, val=val_stats, test=test_stats),
+                run.update_best(float(val_stats['acc']), epoch)
+                logs.log_json(args.output_dir, {
+                    **logs.split_stats(train=train_stats, val=val_stats, test=test_stats),
                     'epoch': epoch, 'best_epoch': state.best_epoch})
-        if args.evaluate:
-            break
-
-        engine.mark_evaluated(args.output_dir, epoch, state)  # a resumed run need not evaluate it again
-        engine.end_epoch(device)
 
     if not args.evaluate:
         print(f'best epoch: {state.best_epoch}')
-    engine.print_elapsed(start_time)
+    logs.print_elapsed(start_time)
 
 
 def run(argv=None):
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'BLIP NLVR2 fine-tuning and evaluation', './configs/nlvr.yaml', 'output/NLVR',
-        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv)
-    engine.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
-    device = engine.setup(args, config)
+        defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv, doc=__doc__)
+    preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
+    device = training.setup(args, config)
     main(args, config, device)
 
 

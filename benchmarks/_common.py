@@ -127,8 +127,8 @@ def report(case, times, baseline, ours):
 def print_markdown(rows, args):
     """Rows ready to paste into benchmarks/RESULTS.md."""
     print()
-    print(f'| case | baseline (median) | ours (median) | ratio |')
-    print(f'|---|---|---|---|')
+    print('| case | baseline (median) | ours (median) | ratio |')
+    print('|---|---|---|---|')
     for row in rows:
         print(f"| {row['case']} | {fmt_seconds(row['baseline'])} | {fmt_seconds(row['ours'])} | "
               f"{row['ratio']:.2f}x |")

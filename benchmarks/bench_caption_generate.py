@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from _common import parse_args, print_header, print_markdown, report, setup, time_alternating
-
 from models import generation
 from models.blip import blip_decoder
 

@@ -1,5 +1,5 @@
 """Retrieval evaluation as the gallery grows: the dense path (the original's images x texts
-matrices) against the top-k path (train_retrieval.evaluation_topk), time and peak memory.
+matrices) against the top-k path (ranking.evaluation_topk), time and peak memory.
 
 A tiny random model (the parity fixture's sizes: 32-px images, a 2-layer ViT and BERT of width
 32) keeps the encoders cheap, so what grows is the ranking itself. Galleries of 1k, 10k and
@@ -49,7 +49,8 @@ def child(mode, num_images, k_test, threads):
     import contextlib
     import io
 
-    import train_retrieval
+    import metrics
+    import ranking
     from model_builders import build_model
     from models.blip_retrieval import BLIP_Retrieval
 
@@ -61,11 +62,11 @@ def child(mode, num_images, k_test, threads):
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         if mode == 'dense':
-            i2t, t2i = train_retrieval.evaluation(model, loader, torch.device('cpu'), config)
-            metrics = train_retrieval.itm_eval(i2t, t2i, dataset.txt2img, dataset.img2txt)
+            i2t, t2i = ranking.evaluation(model, loader, torch.device('cpu'), config)
+            metrics = metrics.itm_eval(i2t, t2i, dataset.txt2img, dataset.img2txt)
         else:
-            i2t_idx, _, t2i_idx, _ = train_retrieval.evaluation_topk(model, loader, torch.device('cpu'), config)
-            metrics = train_retrieval.itm_eval_topk(i2t_idx, t2i_idx, dataset.txt2img, dataset.img2txt)
+            i2t_idx, _, t2i_idx, _ = ranking.evaluation_topk(model, loader, torch.device('cpu'), config)
+            metrics = metrics.itm_eval_topk(i2t_idx, t2i_idx, dataset.txt2img, dataset.img2txt)
     seconds = time.perf_counter() - start
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     print(json.dumps({'seconds': seconds, 'growth': growth, 'r_mean': metrics['r_mean']}))

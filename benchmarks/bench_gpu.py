@@ -1,6 +1,6 @@
 """GPU figures at the paper's shapes, random weights (ViT-B/16 at 384 px, BERT-base), bf16:
 
-  eval   train_retrieval.evaluation_topk at the COCO-5k shape (5,000 images x 25,000 texts,
+  eval   ranking.evaluation_topk at the COCO-5k shape (5,000 images x 25,000 texts,
          k_test 256): time per stage and peak GPU memory;
   ratio  the original's evaluation loops against ours on a subset (--ratio_images images, 5
          texts each, k_test 256), same model, same inputs, scores compared;
@@ -20,9 +20,9 @@ import time
 
 import torch
 
+import metrics
+import ranking
 from _common import code_version, make_captions
-
-import train_retrieval
 from models.blip import blip_decoder
 from models.blip_retrieval import blip_retrieval
 
@@ -67,7 +67,7 @@ def part_eval(device, sizes, results):
     reset_peak(device)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as log:
-        train_retrieval.evaluation_topk(model, loader, device, config)
+        ranking.evaluation_topk(model, loader, device, config)
     sync(device)
     results['eval'] = {'images': sizes['eval_images'], 'texts': 5 * sizes['eval_images'], 'k_test': sizes['k_test'],
                        'seconds': time.perf_counter() - start, 'peak_gb': peak_gb(device),
@@ -75,7 +75,7 @@ def part_eval(device, sizes, results):
 
 
 def part_ratio(device, sizes, results):
-    from bench_retrieval_rerank import original_evaluation
+    from original_retrieval import original_evaluation
     model = blip_retrieval(image_size=sizes['image_size'], vit=sizes['vit'], queue_size=sizes['queue']).to(device)
     model.eval()
     dataset = RandomImages(sizes['ratio_images'], sizes['image_size'])
@@ -91,16 +91,16 @@ def part_ratio(device, sizes, results):
             if name == 'original':
                 outputs[name] = original_evaluation(model, images, dataset.text, sizes['k_test'], device)
             else:
-                outputs[name] = train_retrieval.evaluation(model, loader, device, config)
+                outputs[name] = ranking.evaluation(model, loader, device, config)
         sync(device)
         times[name] = (time.perf_counter() - start, peak_gb(device))
-    metrics = {name: train_retrieval.itm_eval(*outputs[name], dataset.txt2img, dataset.img2txt) for name in outputs}
+    recalls = {name: metrics.itm_eval(*outputs[name], dataset.txt2img, dataset.img2txt) for name in outputs}
     results['ratio'] = {'images': sizes['ratio_images'], 'k_test': sizes['k_test'],
                         'original_s': times['original'][0], 'ours_s': times['ours'][0],
                         'ratio': times['original'][0] / times['ours'][0],
                         'original_peak_gb': times['original'][1], 'ours_peak_gb': times['ours'][1],
                         'max_abs_score_diff': float(abs(outputs['original'][0] - outputs['ours'][0]).max()),
-                        'r_mean': {name: m['r_mean'] for name, m in metrics.items()}}
+                        'r_mean': {name: m['r_mean'] for name, m in recalls.items()}}
 
 
 def part_train(device, sizes, results):

@@ -3,7 +3,7 @@
 1. Momentum update of BLIP_Retrieval (ViT-B/16 + BERT-base MED, the online/momentum pairs of
    `model.model_pairs`). Baseline: the original's Python loop over parameter pairs,
    `param_m.data = param_m.data * m + param.data * (1 - m)` (three new tensors per parameter).
-   Ours: models.blip_retrieval.momentum_update, two in-place torch._foreach_* calls.
+   Ours: models.momentum.momentum_update, two in-place torch._foreach_* calls.
 2. Attention at BERT-base shapes (12 heads of 64): the original's explicit
    softmax(Q K^T / sqrt(d) + additive mask) V vs F.scaled_dot_product_attention with the same
    additive mask (BertSelfAttention._attend, what MED runs), for inference and for a training
@@ -21,13 +21,12 @@ import os
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from _common import parse_args, print_header, print_markdown, report, setup, time_alternating
-
-from models.blip_retrieval import blip_retrieval, momentum_update
+from models.blip_retrieval import blip_retrieval
 from models.med import SELF_MASK_VALUE, BertSelfAttention
+from models.momentum import momentum_update
 
 SIZES = {
     'base': dict(image_size=384, text_batch=32, text_len=35, image_tokens=577, vit_batch=8, itm_batch=16),
@@ -167,7 +166,7 @@ def main():
 
     # -- 2. attention kernel ------------------------------------------------------------------
     text_encoder = model.text_encoder.eval()
-    del model
+    model = None  # its memory is freed (the lambdas above are done with it)
     attn = text_encoder.encoder.layer[0].attention.self.eval()
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen)

@@ -1,12 +1,12 @@
-"""ITM re-ranking in retrieval evaluation: the original's two loops vs train_retrieval's.
+"""ITM re-ranking in retrieval evaluation: the original's two loops vs ranking.py's.
 
-Baseline (the original train_retrieval.evaluation, written here with our modules): for each
+Baseline (the original ranking.evaluation, written here with our modules): for each
 image, its embeddings are repeated k_test times and the text encoder runs over its top-k texts
 (padded to 35 tokens); then for each text, its top-k images' embeddings are gathered and the
 encoder runs again. Every forward projects the image tokens to cross-attention keys/values once
 per text, and a pair found in both directions is scored twice.
 
-Ours (ranking.rank / train_retrieval.evaluation): each distinct (image, text) pair is scored
+Ours (ranking.rank / ranking.evaluation): each distinct (image, text) pair is scored
 once, several images per forward; the image's keys/values are projected once (compute_cross_kv) and shared by
 its texts, and padding columns no text in the batch uses are cut.
 
@@ -21,72 +21,17 @@ import contextlib
 import io
 
 import torch
-import torch.nn.functional as F
-
-from _common import (make_captions, parse_args, print_header, print_markdown, report, setup,
-                     time_alternating)
 
 import ranking
-import train_retrieval
+from _common import make_captions, parse_args, print_header, print_markdown, report, setup, time_alternating
 from models.blip_retrieval import blip_retrieval
+from original_retrieval import original_evaluation, original_features, original_rerank
 
 SIZES = {
     'base': dict(images=16, texts=80, k_test=4, image_size=224),
     'small': dict(images=4, texts=20, k_test=2, image_size=96),
 }
 REPEATS = {'base': 3, 'small': 2}
-
-
-# ----------------------------------------------------------------------------- the original
-
-@torch.no_grad()
-def original_features(model, images, texts, device):
-    """Text ids ([ENC] first), masks and ITC features; image tokens and ITC features."""
-    tokens = model.tokenizer(texts, padding='max_length', truncation=True, max_length=35,
-                             return_tensors='pt').to(device)
-    text_out = model.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask, mode='text')
-    text_embeds = F.normalize(model.text_proj(text_out.last_hidden_state[:, 0, :]), dim=-1)
-    text_ids = tokens.input_ids.clone()
-    text_ids[:, 0] = model.tokenizer.enc_token_id
-    image_feats = model.visual_encoder(images.to(device))
-    image_embeds = F.normalize(model.vision_proj(image_feats[:, 0, :]), dim=-1)
-    return text_ids, tokens.attention_mask, text_embeds, image_feats.cpu(), image_embeds
-
-
-@torch.no_grad()
-def original_rerank(model, sims_matrix, image_feats, text_ids, text_atts, k_test, device):
-    """The original's loops: one encoder call per image, then one per text."""
-    num_images, num_texts = sims_matrix.shape
-
-    def itm_logit(ids, atts, image_tokens):
-        image_mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=device)
-        out = model.text_encoder(ids, attention_mask=atts, encoder_hidden_states=image_tokens,
-                                 encoder_attention_mask=image_mask, return_dict=True)
-        return model.itm_head(out.last_hidden_state[:, 0, :])[:, 1].float()  # float32 under autocast too
-
-    i2t = torch.full((num_images, num_texts), -100.0, device=device)
-    for i in range(num_images):
-        top_sim, top_idx = sims_matrix[i].topk(k=k_test, dim=0)
-        image_tokens = image_feats[i].repeat(k_test, 1, 1).to(device)  # one copy per text
-        i2t[i, top_idx] = itm_logit(text_ids[top_idx], text_atts[top_idx], image_tokens) + top_sim
-
-    t2i = torch.full((num_texts, num_images), -100.0, device=device)
-    sims_t = sims_matrix.t()
-    for t in range(num_texts):
-        top_sim, top_idx = sims_t[t].topk(k=k_test, dim=0)
-        image_tokens = image_feats[top_idx].to(device)
-        t2i[t, top_idx] = itm_logit(text_ids[t].repeat(k_test, 1), text_atts[t].repeat(k_test, 1),
-                                    image_tokens) + top_sim
-    return i2t, t2i
-
-
-@torch.no_grad()
-def original_evaluation(model, images, texts, k_test, device):
-    model.eval()
-    text_ids, text_atts, text_embeds, image_feats, image_embeds = original_features(model, images, texts, device)
-    sims = image_embeds @ text_embeds.t()
-    i2t, t2i = original_rerank(model, sims, image_feats, text_ids, text_atts, k_test, device)
-    return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- ours
@@ -156,7 +101,7 @@ def main():
     torch.testing.assert_close(ours_t2i, base_t2i, rtol=1e-4, atol=1e-4)
     print('re-ranking: score matrices match (atol 1e-4)')
     full_base = original_evaluation(model, images, texts, k_test, device)
-    full_ours = quiet(train_retrieval.evaluation, model, loader, device, config)
+    full_ours = quiet(ranking.evaluation, model, loader, device, config)
     for ours_m, base_m in zip(full_ours, full_base):
         torch.testing.assert_close(torch.from_numpy(ours_m), torch.from_numpy(base_m), rtol=1e-4, atol=1e-4)
     print('evaluation(): score matrices match (atol 1e-4)')
@@ -172,9 +117,9 @@ def main():
         return
     times = time_alternating({
         'original evaluation': lambda: original_evaluation(model, images, texts, k_test, device),
-        'evaluation()': lambda: quiet(train_retrieval.evaluation, model, loader, device, config),
+        'evaluation()': lambda: quiet(ranking.evaluation, model, loader, device, config),
     }, repeats, args.warmup)
-    rows.append(report(f"whole evaluation() (features + re-ranking), same sizes", times,
+    rows.append(report("whole evaluation() (features + re-ranking), same sizes", times,
                        'original evaluation', 'evaluation()'))
     print_markdown(rows, args)
 

@@ -25,15 +25,14 @@ import sys
 import time
 
 from _common import REPO, code_version, cpu_model, load_average
-
-import reproduce
 from data.synthetic import corrupt_captions
+from engine.config import load_config
 
 # The toy captioner of tests/test_capfilt_toy.py (keep the two the same), and the toy filter: the
 # toy suite's retrieval model of configs/expected.yaml, which tests/conftest.py trains too.
 CAPTIONER = ('train_caption.py', 'configs/shapes/caption_coco.yaml',
              ['vit.patch_size=64', 'init_lr=3e-4', 'min_lr=3e-4', 'max_epoch=24'])
-_RETRIEVAL_TOY = reproduce.load_suite(reproduce.EXPECTED, 'toy')[0]['retrieval']['train']
+_RETRIEVAL_TOY = load_config(REPO / 'configs' / 'expected.yaml')['toy']['models']['retrieval']['train']
 FILTER = (_RETRIEVAL_TOY['script'], _RETRIEVAL_TOY['config'], _RETRIEVAL_TOY['overrides'])
 PRETRAIN_LIST = REPO / 'datasets/shapes/annotation/pretrain_synth.json'  # written by the first toy run
 

@@ -28,17 +28,16 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from data import custom_dataset
-from data.coco_karpathy_dataset import (coco_karpathy_caption_eval,
-                                        coco_karpathy_retrieval_eval, coco_karpathy_train)
+from data.coco_karpathy_dataset import coco_karpathy_caption_eval, coco_karpathy_retrieval_eval, coco_karpathy_train
 from data.flickr30k_dataset import flickr30k_retrieval_eval, flickr30k_train
 from data.nlvr_dataset import nlvr_dataset
 from data.nocaps_dataset import nocaps_eval
 from data.pretrain_dataset import pretrain_dataset
 from data.randaugment import BLIP_AUGS, RandomAugment
 from data.utils import DataError
-from utils import ConfigError, require_keys
 from data.video_dataset import VideoDataset
 from data.vqa_dataset import vqa_collate_fn, vqa_dataset
+from engine.config import ConfigError, require_keys
 from utils import is_dist_avail_and_initialized
 
 # CLIP's normalisation, used by every BLIP transform.

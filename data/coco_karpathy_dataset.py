@@ -30,23 +30,16 @@ def coco_image_id(image_path):
     return int(image_path.split("/")[-1].strip(".jpg").split("_")[-1])
 
 
-class caption_train_dataset(Dataset):
-    """Items (image, prompt + caption, img_idx) of `annotation` [{image, caption, image_id}],
-    one per entry: img_idx numbers the distinct image_ids in order of first appearance (the
-    positive-pair index of the retrieval ITC loss). `ann_file` (and an entry's optional
-    'where') name the source in error messages."""
+class image_dataset(Dataset):
+    """What every dataset of this file (and nocaps, custom data) shares: `annotation`, a list of
+    entries {image, ...} whose image paths are relative to image_root, read from `ann_file`.
+    Error messages name an entry by its optional 'where' (custom data: 'line 3'), else its index."""
 
-    def __init__(self, transform, image_root, annotation, ann_file, max_words=30, prompt=""):
+    def __init__(self, transform, image_root, annotation, ann_file):
         self.ann_file = ann_file
         self.annotation = annotation
         self.transform = transform
         self.image_root = image_root
-        self.max_words = max_words
-        self.prompt = prompt
-
-        self.img_ids = {}
-        for ann in self.annotation:
-            self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
 
     def __len__(self):
         return len(self.annotation)
@@ -56,11 +49,39 @@ class caption_train_dataset(Dataset):
         return [(os.path.join(self.image_root, ann["image"]), self.ann_file, ann.get("where", i))
                 for i, ann in enumerate(self.annotation)]
 
+    def read_image(self, index):
+        """Entry `index`'s image, transformed (DataError naming the image and the entry)."""
+        ann = self.annotation[index]
+        return self.transform(load_image(os.path.join(self.image_root, ann["image"]), self.ann_file,
+                                         ann.get("where", index)))
+
+
+class image_id_eval(image_dataset):
+    """Caption evaluation: items (image, img_ids[index]), the id a results file names the image by;
+    a subclass fills img_ids when it loads the file (so a bad id fails at load time)."""
+
+    def __getitem__(self, index):
+        return self.read_image(index), self.img_ids[index]
+
+
+class caption_train_dataset(image_dataset):
+    """Items (image, prompt + caption, img_idx) of `annotation` [{image, caption, image_id}],
+    one per entry: img_idx numbers the distinct image_ids in order of first appearance (the
+    positive-pair index of the retrieval ITC loss). `ann_file` (and an entry's optional
+    'where') name the source in error messages."""
+
+    def __init__(self, transform, image_root, annotation, ann_file, max_words=30, prompt=""):
+        super().__init__(transform, image_root, annotation, ann_file)
+        self.max_words = max_words
+        self.prompt = prompt
+
+        self.img_ids = {}
+        for ann in self.annotation:
+            self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
+
     def __getitem__(self, index):
         ann = self.annotation[index]
-        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file,
-                           ann.get("where", index))
-        image = self.transform(image)
+        image = self.read_image(index)
         caption = self.prompt + pre_caption(ann["caption"], self.max_words)
         return image, caption, self.img_ids[ann["image_id"]]
 
@@ -81,14 +102,12 @@ class coco_karpathy_train(karpathy_train):
     ann_name = "coco_karpathy_train.json"
 
 
-class coco_karpathy_caption_eval(Dataset):
+class coco_karpathy_caption_eval(image_id_eval):
     """Items (image, int(coco image id)); the id is parsed from the file name."""
 
     def __init__(self, transform, image_root, ann_root, split):
-        self.ann_file = fetch_annotation(ann_root, _eval_file(split))
-        self.annotation = load_json_list(self.ann_file, {"image": str})
-        self.transform = transform
-        self.image_root = image_root
+        ann_file = fetch_annotation(ann_root, _eval_file(split))
+        super().__init__(transform, image_root, load_json_list(ann_file, {"image": str}), ann_file)
         # Parse every id now, so a file name without a numeric id fails at load time.
         self.img_ids = []
         for index, ann in enumerate(self.annotation):
@@ -99,21 +118,8 @@ class coco_karpathy_caption_eval(Dataset):
                                 f"a numeric COCO image id from {ann['image']!r} (expected "
                                 f"names like COCO_val2014_000000391895.jpg)") from error
 
-    def __len__(self):
-        return len(self.annotation)
 
-    def image_files(self):
-        """(path, annotation file, entry) of every image, for check_image_files."""
-        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, i)
-                for i, ann in enumerate(self.annotation)]
-
-    def __getitem__(self, index):
-        ann = self.annotation[index]
-        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file, index)
-        return self.transform(image), self.img_ids[index]
-
-
-class retrieval_eval_dataset(Dataset):
+class retrieval_eval_dataset(image_dataset):
     """Image-text retrieval evaluation: items (image, index) plus the text side.
 
     annotation: [{image, caption: [str, ...]}], one entry per image. .text: every caption
@@ -122,11 +128,7 @@ class retrieval_eval_dataset(Dataset):
     """
 
     def __init__(self, transform, image_root, annotation, ann_file, max_words=30):
-        self.ann_file = ann_file
-        self.annotation = annotation
-        self.transform = transform
-        self.image_root = image_root
-
+        super().__init__(transform, image_root, annotation, ann_file)
         self.text, self.image = [], []
         self.txt2img, self.img2txt = {}, {}
         for img_id, ann in enumerate(self.annotation):
@@ -138,19 +140,8 @@ class retrieval_eval_dataset(Dataset):
                 self.img2txt[img_id].append(txt_id)
                 self.txt2img[txt_id] = img_id
 
-    def __len__(self):
-        return len(self.annotation)
-
-    def image_files(self):
-        """(path, annotation file, entry) of every image, for check_image_files."""
-        return [(os.path.join(self.image_root, ann["image"]), self.ann_file, ann.get("where", i))
-                for i, ann in enumerate(self.annotation)]
-
     def __getitem__(self, index):
-        ann = self.annotation[index]
-        image = load_image(os.path.join(self.image_root, ann["image"]), self.ann_file,
-                           ann.get("where", index))
-        return self.transform(image), index
+        return self.read_image(index), index
 
 
 class coco_karpathy_retrieval_eval(retrieval_eval_dataset):

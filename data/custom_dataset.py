@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from data.coco_karpathy_dataset import caption_train_dataset, retrieval_eval_dataset
 from data.utils import DataError, pre_caption
-from utils import ConfigError
+from engine.config import ConfigError
 
 CUSTOM_DEFAULTS = {
     'image_root': '',        # image paths are relative to it; '': to each source's folder

@@ -49,7 +49,7 @@ So a toy config sets: image_root, vqa_root, vg_root = ROOT/images; ann_root =
 ROOT/annotation; coco_gt_root = ROOT/annotation/coco_gt; train_files = ['vqa_train',
 'vqa_val', 'vg_qa']; train_file = [ROOT/annotation/pretrain_synth.json]; laion_path =
 ROOT/laion (or '' for none); video_root = ROOT/videos. `make_synthetic` returns that dict.
-NoCaps metrics: data.utils.caption_eval(ROOT/annotation/nocaps_val_gt.json, results_file).
+NoCaps metrics: metrics.caption_eval(ROOT/annotation/nocaps_val_gt.json, results_file).
 Clips have `video_frames` frames (16 by default): keep num_frm_test at or below that.
 """
 import argparse
@@ -78,7 +78,7 @@ ANSWER_LIST = (list(COLOURS) + list(SHAPES) + [str(c) for c in COUNTS] + list(PO
                + ["yes", "no"])
 VQA_TRAIN_FILES = ["vqa_train", "vqa_val", "vg_qa"]
 # Bumped whenever the generated data changes: a dataset written by another version is
-# regenerated on its next use (engine.prepare_synthetic_data reads it from synthetic.json).
+# regenerated on its next use (preflight.prepare_synthetic_data reads it from synthetic.json).
 DATA_VERSION = 2
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.fileio import is_url
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 URL_TIMEOUT_S = 30
 
@@ -23,10 +25,6 @@ class ImageReadError(RuntimeError):
 
 class InputError(ValueError):
     """An input list or argument that cannot be used; the message names the file and line."""
-
-
-def is_url(name):
-    return str(name).startswith(('http://', 'https://'))
 
 
 def collect_inputs(inputs, fields=()):

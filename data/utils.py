@@ -1,4 +1,4 @@
-"""Text preprocessing, annotation I/O, result merging and caption metrics.
+"""Text preprocessing, annotation I/O and result merging (caption metrics: metrics.py).
 
 - `pre_caption` / `pre_question`: the original BLIP text normalisation, unchanged.
 - Annotation files: `fetch_annotation(ann_root, filename)` downloads a file the original
@@ -7,24 +7,20 @@
   and entry index named (`DataError`).
 - `save_result`: per-rank result files merged on rank 0 (atomic writes, works with or
   without a process group).
-- `coco_caption_eval` / `caption_eval`: BLEU-1..4, METEOR, ROUGE-L, CIDEr with
-  pycocoevalcap's scorers; SPICE only when its Stanford CoreNLP jars are present.
+- `coco_gt_file`: the COCO Karpathy caption ground truth (downloaded when missing).
 """
-import atexit
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
+from engine.fileio import atomic_write
 from utils import barrier, get_rank, get_world_size
 
 
@@ -98,11 +94,9 @@ def download_if_missing(url, path, timeout=60):
     if os.path.isfile(path):
         return path
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=folder)
     _report(f"Downloading {url} -> {path}")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_write(path) as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
             done, next_report = 0, 0.1
             while True:
@@ -117,17 +111,11 @@ def download_if_missing(url, path, timeout=60):
                     next_report += 0.1
             if total and done != total:
                 raise OSError(f"connection closed after {done} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_path, path)
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise DataError(
             f"Annotation file '{name}' is missing from folder '{folder}' and could not be "
             f"downloaded from {url} ({error}). Download it from that URL yourself and put it "
             f"in '{folder}'.") from error
-    finally:  # also on Ctrl-C: never leave a partial file behind
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     _report(f"  saved {name} ({done} bytes)")
     return path
 
@@ -296,21 +284,9 @@ def check_image_files(files, mode="exists", workers=16):
 # --------------------------------------------------------------------------------------
 
 def write_json_atomic(obj, path):
-    """json.dump to a temporary file in the same folder, fsync, then rename over path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                    dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """json.dump to `path` atomically (engine.fileio.atomic_write)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
 
 
 def save_result(result, result_dir, filename, remove_duplicate=""):
@@ -356,128 +332,8 @@ def save_result(result, result_dir, filename, remove_duplicate=""):
 
 
 # --------------------------------------------------------------------------------------
-# Caption metrics
+# Caption ground truth (the metrics are in metrics.py)
 # --------------------------------------------------------------------------------------
-
-_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
-
-
-def spice_available():
-    """SPICE needs java, its jar and the Stanford CoreNLP jars it otherwise downloads."""
-    try:
-        import pycocoevalcap.spice.spice as spice_module
-    except ImportError:
-        return False
-    spice_dir = os.path.dirname(os.path.abspath(spice_module.__file__))
-    needed = [os.path.join(spice_dir, spice_module.SPICE_JAR)]
-    needed += [os.path.join(spice_dir, "lib", jar) for jar in _CORENLP_JARS]
-    return shutil.which("java") is not None and all(os.path.isfile(p) for p in needed)
-
-
-def caption_eval(gt_file, results_file, use_spice=None):
-    """Score a results file [{image_id, caption}] against COCO-format ground truth.
-
-    Returns a pycocoevalcap COCOEvalCap whose `.eval` maps Bleu_1..Bleu_4, METEOR,
-    ROUGE_L, CIDEr (and SPICE when available) to scores, with `.imgToEval` per image,
-    as the original's `coco_eval.evaluate()` leaves it. Images are those of the results.
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.eval import COCOEvalCap
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    from pycocotools.coco import COCO
-
-    gt = _read_json(gt_file)
-    if not isinstance(gt, dict) or "annotations" not in gt or "images" not in gt:
-        raise DataError(f"{gt_file}: not a COCO caption ground-truth file (needs 'images' "
-                        f"and 'annotations')")
-    results = _read_json(results_file)
-    if not isinstance(results, list) or not results:
-        raise DataError(f"{results_file}: expected a non-empty JSON list of "
-                        f"{{'image_id', 'caption'}} results")
-    check_entries(results, results_file, {"image_id": int, "caption": str}, allow_empty=True)
-
-    coco = COCO(gt_file)
-    gt_ids = set(coco.getImgIds())
-    counts = {}
-    for item in results:
-        counts[item["image_id"]] = counts.get(item["image_id"], 0) + 1
-    unknown = sorted(set(counts) - gt_ids)
-    if unknown:
-        raise DataError(f"{results_file}: image_id(s) {unknown[:5]} are not in the ground "
-                        f"truth {gt_file}")
-    repeated = [i for i, n in counts.items() if n > 1]
-    if repeated:
-        raise DataError(f"{results_file}: image_id {repeated[0]} has {counts[repeated[0]]} "
-                        f"captions; merge with save_result(..., remove_duplicate='image_id')")
-    if len(counts) < len(gt_ids):
-        warnings.warn(f"caption_eval: results cover {len(counts)} of {len(gt_ids)} "
-                      f"ground-truth images; metrics are over those {len(counts)}")
-
-    coco_result = coco.loadRes(results_file)
-    coco_eval = COCOEvalCap(coco, coco_result)
-    img_ids = coco_result.getImgIds()
-    coco_eval.params["image_id"] = img_ids
-    gts = {i: coco.imgToAnns[i] for i in img_ids}
-    res = {i: coco_result.imgToAnns[i] for i in img_ids}
-
-    tokenizer = PTBTokenizer()
-    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
-               (_meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
-    if use_spice is None:
-        use_spice = spice_available()
-        if not use_spice:
-            warnings.warn("SPICE skipped: its Stanford CoreNLP jars are not installed "
-                          "(pycocoevalcap/spice/lib); the other metrics are computed")
-    if use_spice:
-        from pycocoevalcap.spice.spice import Spice
-        scorers.append((Spice(), "SPICE"))
-
-    for scorer, method in scorers:
-        score, scores = scorer.compute_score(gts, res)
-        if isinstance(method, list):
-            for sc, scs, name in zip(score, scores, method):
-                coco_eval.setEval(sc, name)
-                coco_eval.setImgToEvalImgs(scs, gts.keys(), name)
-        else:
-            coco_eval.setEval(score, method)
-            coco_eval.setImgToEvalImgs(scores, gts.keys(), method)
-    coco_eval.setEvalImgs()
-
-    for metric, score in coco_eval.eval.items():
-        print(f"{metric}: {score:.3f}")
-    return coco_eval
-
-
-_METEOR = None
-
-
-def _meteor():
-    """One METEOR scorer per process, started at first use and kept alive.
-
-    Starting its java process (and loading the paraphrase tables) takes seconds; caption
-    training scores val and test every epoch, so the process is reused and closed at exit.
-    """
-    global _METEOR
-    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
-        from pycocoevalcap.meteor.meteor import Meteor
-        _METEOR = Meteor()
-        atexit.register(_close_meteor, _METEOR)
-    return _METEOR
-
-
-def _close_meteor(meteor):
-    # The METEOR java process otherwise lives until garbage collection (its __del__
-    # repeats these calls harmlessly).
-    with meteor.lock:
-        if meteor.meteor_p.poll() is None:
-            meteor.meteor_p.stdin.close()
-            meteor.meteor_p.kill()
-            meteor.meteor_p.wait()
-
 
 def coco_gt_file(coco_gt_root, split):
     """The COCO Karpathy val/test caption ground truth in coco_gt_root (downloaded if missing)."""
@@ -485,8 +341,3 @@ def coco_gt_file(coco_gt_root, split):
     if split not in filenames:
         raise ValueError(f"coco_caption_eval: split must be 'val' or 'test', got {split!r}")
     return fetch_annotation(coco_gt_root, filenames[split])
-
-
-def coco_caption_eval(coco_gt_root, results_file, split):
-    """COCO Karpathy val/test caption metrics, as the original."""
-    return caption_eval(coco_gt_file(coco_gt_root, split), results_file)

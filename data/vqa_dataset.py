@@ -16,8 +16,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from data.utils import (DataError, check_entries, fetch_annotation, load_image, load_json,
-                        load_json_list, pre_question)
+from data.utils import DataError, check_entries, fetch_annotation, load_image, load_json, load_json_list, pre_question
 
 # Each VG answer counts as one fifth of a unanimous VQA answer (the original's weight).
 VG_ANSWER_WEIGHT = 0.2

@@ -2,24 +2,24 @@
 
 - `BLIP_Base`: feature extractor (image, text or image-grounded text features).
 - `BLIP_Decoder`: image captioning (LM loss and `generate`).
-- `init_tokenizer`, `create_vit`, `is_url`, `load_checkpoint`: used by every BLIP model.
+- `init_tokenizer`, `create_vit`, `load_checkpoint`: used by every BLIP model.
+- Missing weights, one rule: every factory loads `pretrained` non-strictly (`load_pretrained`,
+  printing what it lacked); callers that need every weight call `require_weights`.
 
 Same classes, arguments and state-dict keys as the original `models/blip.py`; checkpoint
 loading is stricter about what it unpickles and says what it skipped.
 """
-import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from transformers import BertTokenizer
 
+from engine.fileio import CheckpointError, download_cached_file, is_url, load_checkpoint_file
 from models.med import BertConfig, BertLMHeadModel, BertModel
 from models.vit import VisionTransformer, interpolate_pos_embed
-from utils import CheckpointError, check_checkpoint_file, load_checkpoint_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BERT_VOCAB = Path(__file__).resolve().parent / 'bert-base-uncased' / 'vocab.txt'
@@ -147,41 +147,54 @@ class BLIP_Decoder(nn.Module):
 
 
 def blip_decoder(pretrained='', **kwargs):
-    model = BLIP_Decoder(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        require_weights(model, msg, pretrained)
-    return model
+    return load_pretrained(BLIP_Decoder(**kwargs), pretrained)
 
 
 def blip_feature_extractor(pretrained='', **kwargs):
-    model = BLIP_Base(**kwargs)
+    return load_pretrained(BLIP_Base(**kwargs), pretrained)
+
+
+# ----------------------------------------------------------------------------- missing weights
+# One rule for every factory (blip_decoder, blip_feature_extractor, blip_itm, blip_retrieval,
+# blip_nlvr, blip_vqa): load `pretrained` non-strictly, print what it lacked, return the model.
+# Whether a checkpoint must hold every weight is the caller's decision: evaluation and inference
+# call require_weights (fine-tuning starts from checkpoints without the task's heads).
+
+def load_pretrained(model, pretrained):
+    """What every factory does with `pretrained` (a path or URL; '' for none): load_checkpoint,
+    whose printed report lists the missing, unexpected and dropped keys. Returns the model."""
     if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        require_weights(model, msg, pretrained)
+        model, _ = load_checkpoint(model, pretrained)
     return model
 
 
-def missing_parameters(model, msg):
-    """The missing keys of a load that are parameters (weights left at their initial values),
-    not buffers such as the retrieval queues."""
+def missing_weights(model, pretrained, msg=None):
+    """Names of the parameters of `model` that checkpoint `pretrained` leaves at their initial
+    values when loaded as load_checkpoint loads it (absent, or dropped for their shape); buffers
+    such as the retrieval queues do not count. From `msg` (that load's CheckpointLoadResult) when
+    the caller has it; otherwise the checkpoint is read again (the model is not changed)."""
+    if msg is None:
+        state_dict, _ = _prepare_state_dict(model, read_checkpoint(pretrained))
+        missing = [key for key in model.state_dict() if key not in state_dict]
+    else:
+        missing = msg.missing_keys
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    return [key for key in msg.missing_keys if key in names]
+    return [key for key in missing if key in names]
 
 
-def require_weights(model, msg, source, what=''):
-    """CheckpointError unless the load (`msg`, load_checkpoint's) left no parameter of `model` at
-    its initial value: a model used with random weights would give meaningless outputs. The
+def require_weights(model, pretrained, what='', msg=None):
+    """CheckpointError unless checkpoint `pretrained` holds every parameter of `model`
+    (missing_weights): a model used with random weights would give meaningless outputs. The
     message names the checkpoint, the model class and the missing modules with counts, then
     `what` (why it matters there)."""
-    missing = missing_parameters(model, msg)
+    missing = missing_weights(model, pretrained, msg)
     if missing:
         modules = {}
         for key in missing:
             modules[key.split('.')[0]] = modules.get(key.split('.')[0], 0) + 1
         parts = ', '.join(f'{name} ({count})' for name, count in modules.items())
-        raise CheckpointError(f"checkpoint {source} lacks {len(missing)} weights of {type(model).__name__}: {parts}"
-                              + (f"; {what}" if what else ''))
+        raise CheckpointError(f"checkpoint {pretrained} lacks {len(missing)} weights of {type(model).__name__}: "
+                              f"{parts}" + (f"; {what}" if what else ''))
 
 
 # ----------------------------------------------------------------------------- builders
@@ -272,45 +285,6 @@ class CheckpointLoadResult(NamedTuple):
                 f"dropped_keys, shape mismatch ({len(self.dropped_keys)}): {self.dropped_keys}")
 
 
-def is_url(url_or_filename):
-    return urlparse(str(url_or_filename)).scheme in ("http", "https")
-
-
-def checkpoint_cache_dir():
-    """$BLIP_CACHE, else torch hub's checkpoint folder (~/.cache/torch/hub/checkpoints)."""
-    return os.environ.get('BLIP_CACHE') or os.path.join(torch.hub.get_dir(), 'checkpoints')
-
-
-def cached_checkpoint_path(url, cache_dir=None):
-    """Where download_cached_file keeps `url`: its file name plus a hash of the whole URL, so two
-    URLs that end in the same name (two runs' checkpoint_best.pth) never share a cached file."""
-    name = os.path.basename(urlparse(url).path) or 'checkpoint.pth'
-    stem, suffix = os.path.splitext(name)
-    digest = hashlib.sha256(url.encode('utf-8')).hexdigest()[:12]
-    return os.path.join(cache_dir or checkpoint_cache_dir(), f'{stem}-{digest}{suffix}')
-
-
-def download_cached_file(url, cache_dir=None, progress=True, verify=True):
-    """Download `url` once into the cache folder; later calls return the cached path without
-    touching the network. With `verify`, what arrived must be a whole PyTorch checkpoint (not an
-    HTML error page, not cut short) before it is cached; otherwise CheckpointError, and nothing
-    is kept."""
-    cached = cached_checkpoint_path(url, cache_dir)
-    if not os.path.isfile(cached):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        print(f'downloading {url} to {cached}')
-        partial = f'{cached}.{os.getpid()}.download'
-        try:
-            torch.hub.download_url_to_file(url, partial, progress=progress)
-            if verify:
-                check_checkpoint_file(partial, source=f'{url} (downloaded)')
-            os.replace(partial, cached)  # only a verified, complete file gets the cached name
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return cached
-
-
 def read_checkpoint(url_or_filename, allow_unsafe=None):
     """Load a checkpoint file or URL and return its state dict (`checkpoint['model']`, or the
     file itself when it is a bare state dict).
@@ -333,11 +307,15 @@ def read_checkpoint(url_or_filename, allow_unsafe=None):
     return dict(state_dict)
 
 
-def load_state_dict_into(model, state_dict, source='state dict'):
-    """The original loader's rules on an in-memory state dict: resize the ViT position
-    embeddings (online and momentum encoder) to the model's image size, drop tensors whose
-    shape differs from the model's, load non-strictly. Returns (model, CheckpointLoadResult)."""
+def _prepare_state_dict(model, state_dict):
+    """The original loader's rules, on a copy of `state_dict`: the model class's own key mapping
+    (its `adapt_checkpoint`, e.g. BLIP_NLVR's two cross-attention branches), the ViT position
+    embeddings (online and momentum encoder) resized to the model's image size, and the tensors
+    whose shape differs from the model's dropped. Returns (state dict, dropped keys)."""
     state_dict = dict(state_dict)
+    adapt = getattr(type(model), 'adapt_checkpoint', None)
+    if adapt is not None:
+        state_dict = adapt(state_dict)
     for key, encoder_name in (('visual_encoder.pos_embed', 'visual_encoder'),
                               ('visual_encoder_m.pos_embed', 'visual_encoder_m')):
         if key in state_dict and isinstance(getattr(model, encoder_name, None), VisionTransformer):
@@ -348,10 +326,15 @@ def load_state_dict_into(model, state_dict, source='state dict'):
                if key in state_dict and state_dict[key].shape != value.shape]
     for key in dropped:
         del state_dict[key]
+    return state_dict, dropped
 
+
+def load_state_dict_into(model, state_dict, source='state dict'):
+    """Load `state_dict` non-strictly with the original loader's rules (_prepare_state_dict) and
+    print what was missing, unexpected or dropped. Returns (model, CheckpointLoadResult)."""
+    state_dict, dropped = _prepare_state_dict(model, state_dict)
     incompatible = model.load_state_dict(state_dict, strict=False)
     msg = CheckpointLoadResult(list(incompatible.missing_keys), list(incompatible.unexpected_keys), dropped)
-    model.loaded_from = (str(source), msg)  # what the weights came from, for later checks (engine)
     print(f'load checkpoint from {source}')
     if msg.missing_keys or msg.unexpected_keys or msg.dropped_keys:
         print(msg)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config, require_weights
+from models.blip import create_vit, init_tokenizer, load_med_config, load_pretrained
 from models.med import BertModel
 
 
@@ -59,8 +59,4 @@ class BLIP_ITM(nn.Module):
 
 
 def blip_itm(pretrained='', **kwargs):
-    model = BLIP_ITM(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        require_weights(model, msg, pretrained)
-    return model
+    return load_pretrained(BLIP_ITM(**kwargs), pretrained)

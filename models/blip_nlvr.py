@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, init_tokenizer, load_med_config, load_state_dict_into, read_checkpoint
+from models.blip import create_vit, init_tokenizer, load_med_config, load_pretrained
 from models.nlvr_encoder import BertModel
 
 
@@ -54,31 +54,26 @@ class BLIP_NLVR(nn.Module):
             return F.cross_entropy(prediction, targets)
         return prediction
 
+    @staticmethod
+    def adapt_checkpoint(state_dict):
+        """A BLIP checkpoint's keys for BLIP_NLVR, as the original NLVR2 loader maps them (applied
+        by models.blip.load_checkpoint): its single cross-attention (`crossattention.self.*`,
+        `crossattention.output.dense.*`) is copied to both image branches (`self0`/`self1`,
+        `dense0`/`dense1`); the source keys stay and are reported unexpected. `cls_head` and the
+        merge layers are not in pretrained checkpoints and keep their initial values. Unlike the
+        original this also works for local files (it lacked `import os`) and drops shape
+        mismatches like every other model's loader."""
+        state_dict = dict(state_dict)
+        for key in list(state_dict.keys()):
+            if 'crossattention.self.' in key:
+                for branch in ('self0', 'self1'):
+                    state_dict[key.replace('crossattention.self.', f'crossattention.{branch}.')] = state_dict[key]
+            elif 'crossattention.output.dense.' in key:
+                for branch in ('dense0', 'dense1'):
+                    state_dict[key.replace('crossattention.output.dense.', f'crossattention.output.{branch}.')] = \
+                        state_dict[key]
+        return state_dict
+
 
 def blip_nlvr(pretrained='', **kwargs):
-    model = BLIP_NLVR(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        print("missing keys:")
-        print(msg.missing_keys)
-    return model
-
-
-def load_checkpoint(model, url_or_filename, allow_unsafe=None):
-    """Load a BLIP checkpoint (path or URL) into BLIP_NLVR, as the original NLVR2 loader does:
-    the checkpoint's single cross-attention (`crossattention.self.*`, `crossattention.output.dense.*`)
-    is copied to both image branches (`self0`/`self1`, `dense0`/`dense1`); the source keys stay
-    and are reported unexpected. `cls_head` and the merge layers are not in pretrained
-    checkpoints and keep their initial values. Unlike the original this also works for local
-    files (it lacked `import os`) and drops shape mismatches like models.blip.load_checkpoint.
-    """
-    state_dict = read_checkpoint(url_or_filename, allow_unsafe=allow_unsafe)
-    for key in list(state_dict.keys()):
-        if 'crossattention.self.' in key:
-            for branch in ('self0', 'self1'):
-                state_dict[key.replace('crossattention.self.', f'crossattention.{branch}.')] = state_dict[key]
-        elif 'crossattention.output.dense.' in key:
-            for branch in ('dense0', 'dense1'):
-                state_dict[key.replace('crossattention.output.dense.', f'crossattention.output.{branch}.')] = \
-                    state_dict[key]
-    return load_state_dict_into(model, state_dict, source=url_or_filename)
+    return load_pretrained(BLIP_NLVR(**kwargs), pretrained)

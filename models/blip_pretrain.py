@@ -1,7 +1,8 @@
 """BLIP pre-training model: ITC + ITM + LM on image-text pairs.
 
 As BLIP_Retrieval for ITC (momentum encoders, feature queues, momentum distillation) and ITM
-(hard negatives), through the same functions of models/blip_retrieval.py, plus a captioning
+(hard negatives), through the same code (models/momentum.py, the loss functions of
+models/blip_retrieval.py), plus a captioning
 decoder trained with the LM loss. The decoder shares every weight with the text encoder
 except the self-attention blocks (the paper's parameter sharing), so the encoder state_dict
 keys appear twice (`text_encoder.*` and `text_decoder.bert.*`) for one tensor, as in official
@@ -18,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, download_cached_file, init_tokenizer, is_url, load_med_config, read_checkpoint
-from models.blip_retrieval import (contrastive_loss, copy_params, matching_loss, momentum_features,
-                                   momentum_update, online_features, sample_negatives)
+from engine.fileio import download_cached_file, is_url
+from models.blip import create_vit, init_tokenizer, load_med_config, read_checkpoint
+from models.blip_retrieval import contrastive_loss, matching_loss, momentum_features, online_features, sample_negatives
 from models.med import BertLMHeadModel, BertModel, load_bert_weights
+from models.momentum import MomentumQueues
 from models.vit import interpolate_pos_embed
-from utils import concat_all_gather
 
 # What the original loads into the ViT before pre-training.
 DEFAULT_VIT_CHECKPOINTS = {
@@ -34,7 +35,9 @@ DEFAULT_VIT_CHECKPOINTS = {
 }
 
 
-class BLIP_Pretrain(nn.Module):
+class BLIP_Pretrain(MomentumQueues, nn.Module):
+    queue_pointer = 'queue_ptr'  # the original's buffer name (BLIP_Retrieval's is ptr_queue)
+
     def __init__(
         self,
         med_config='configs/bert_config.json',
@@ -80,24 +83,9 @@ class BLIP_Pretrain(nn.Module):
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
 
-        # Momentum encoders (built after the resize: the config now says len(tokenizer)).
-        self.visual_encoder_m, vision_width = create_vit(vit, image_size)
-        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
-        self.text_encoder_m = BertModel(config=self.text_encoder.config, add_pooling_layer=False)
-        self.text_proj_m = nn.Linear(text_width, embed_dim)
-        self.model_pairs = [
-            [self.visual_encoder, self.visual_encoder_m],
-            [self.vision_proj, self.vision_proj_m],
-            [self.text_encoder, self.text_encoder_m],
-            [self.text_proj, self.text_proj_m],
-        ]
-        self.copy_params()
-
-        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
-        self.queue_size = queue_size
-        self.momentum = momentum
+        # Momentum encoders and queues (models/momentum.py), built after the resize: the text
+        # config now says len(tokenizer).
+        self.init_momentum(vit, image_size, embed_dim, queue_size, momentum)
         self.temp = nn.Parameter(0.07 * torch.ones([]))
 
         decoder_config = load_med_config(med_config, vision_width)
@@ -159,27 +147,6 @@ class BLIP_Pretrain(nn.Module):
     def select_negatives(self, weights_t2i, weights_i2t):
         """Hard negatives: (an image index for each text, a text index for each image); both (B, B)."""
         return sample_negatives(weights_t2i), sample_negatives(weights_i2t)
-
-    @torch.no_grad()
-    def copy_params(self):
-        copy_params(self.model_pairs)
-
-    @torch.no_grad()
-    def _momentum_update(self):
-        momentum_update(self.model_pairs, self.momentum)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat, text_feat):
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
-        ptr = int(self.queue_ptr)
-        assert self.queue_size % batch_size == 0, (
-            f'queue_size ({self.queue_size}) must be a multiple of the global batch size ({batch_size})')
-
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
 
 
 def blip_pretrain(**kwargs):

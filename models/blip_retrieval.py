@@ -8,20 +8,23 @@ Two objectives, as in the original release:
   not; each positive pair comes with one hard negative image per text and one hard negative
   text per image, sampled in proportion to their ITC similarity.
 
-The momentum helpers (`copy_params`, `momentum_update`), the two losses (`online_features`,
-`momentum_features`, `contrastive_loss`, `matching_loss`) and the negative sampler are module
-functions because BLIP_Pretrain uses the same ones.
+The momentum encoders and queues come from models/momentum.py; the two losses
+(`online_features`, `momentum_features`, `contrastive_loss`, `matching_loss`) and the negative
+sampler are module functions because BLIP_Pretrain uses the same ones.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config
+from models.blip import create_vit, init_tokenizer, load_med_config, load_pretrained
 from models.med import BertModel
+from models.momentum import MomentumQueues
 from utils import all_gather_with_grad, concat_all_gather, get_rank
 
 
-class BLIP_Retrieval(nn.Module):
+class BLIP_Retrieval(MomentumQueues, nn.Module):
+    queue_pointer = 'ptr_queue'  # the original's buffer name (BLIP_Pretrain's is queue_ptr)
+
     def __init__(
         self,
         med_config='configs/med_config.json',
@@ -55,29 +58,9 @@ class BLIP_Retrieval(nn.Module):
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
 
-        # Momentum encoders: EMA copies of the online ones, never trained by gradient. Like the
-        # original, the momentum ViT gets create_vit's defaults (no checkpointing).
-        self.visual_encoder_m, vision_width = create_vit(vit, image_size)
-        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
-        self.text_encoder_m = BertModel(config=med_config, add_pooling_layer=False)
-        self.text_proj_m = nn.Linear(text_width, embed_dim)
-        self.model_pairs = [
-            [self.visual_encoder, self.visual_encoder_m],
-            [self.vision_proj, self.vision_proj_m],
-            [self.text_encoder, self.text_encoder_m],
-            [self.text_proj, self.text_proj_m],
-        ]
-        self.copy_params()
-
-        # Queues of momentum features (unit columns) and of their image ids (-100: empty slot).
-        self.register_buffer('image_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer('text_queue', F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer('idx_queue', torch.full((1, queue_size), -100))
-        self.register_buffer('ptr_queue', torch.zeros(1, dtype=torch.long))
+        # Momentum encoders and queues (models/momentum.py); idx_queue: the queued features' image ids.
+        self.init_momentum(vit, image_size, embed_dim, queue_size, momentum, id_queue=True)
         self.temp = nn.Parameter(0.07 * torch.ones([]))
-
-        self.queue_size = queue_size
-        self.momentum = momentum
         self.negative_all_rank = negative_all_rank
 
     def forward(self, image, caption, alpha, idx):
@@ -146,37 +129,9 @@ class BLIP_Retrieval(nn.Module):
         offset = get_rank() * weights_t2i.size(0) if self.negative_all_rank else 0
         return sample_negatives(weights_t2i, offset), sample_negatives(weights_i2t, offset)
 
-    @torch.no_grad()
-    def copy_params(self):
-        copy_params(self.model_pairs)
-
-    @torch.no_grad()
-    def _momentum_update(self):
-        momentum_update(self.model_pairs, self.momentum)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat, text_feat, idxs):
-        # Every rank enqueues the whole global batch, so the queues stay identical across ranks.
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
-        ptr = int(self.ptr_queue)
-        assert self.queue_size % batch_size == 0, (
-            f'queue_size ({self.queue_size}) must be a multiple of the global batch size ({batch_size})')
-
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
-        self.idx_queue[:, ptr:ptr + batch_size] = idxs.T
-        self.ptr_queue[0] = (ptr + batch_size) % self.queue_size
-
 
 def blip_retrieval(pretrained='', **kwargs):
-    model = BLIP_Retrieval(**kwargs)
-    if pretrained:
-        model, msg = load_checkpoint(model, pretrained)
-        print('missing keys:')
-        print(msg.missing_keys)
-    return model
+    return load_pretrained(BLIP_Retrieval(**kwargs), pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,35 +223,6 @@ def matching_loss(text_encoder, itm_head, input_ids, attention_mask, image_embed
     itm_labels = torch.cat([torch.ones(bs, dtype=torch.long),
                             torch.zeros(2 * bs, dtype=torch.long)]).to(image_embeds.device)
     return F.cross_entropy(vl_output, itm_labels)
-
-
-def _param_lists(model_pairs):
-    online, momentum = [], []
-    for model, model_m in model_pairs:
-        online += list(model.parameters())
-        momentum += list(model_m.parameters())
-    if len(online) != len(momentum):
-        raise ValueError(f'momentum encoders have {len(momentum)} parameters, online ones {len(online)}')
-    return online, momentum
-
-
-@torch.no_grad()
-def copy_params(model_pairs):
-    """Initialise each momentum encoder as a frozen copy of its online encoder."""
-    for param, param_m in zip(*_param_lists(model_pairs)):
-        param_m.data.copy_(param.data)
-        param_m.requires_grad = False
-
-
-@torch.no_grad()
-def momentum_update(model_pairs, momentum):
-    """param_m = momentum * param_m + (1 - momentum) * param, in two fused multi-tensor ops."""
-    # The lists are rebuilt on each call (cheap) so they follow parameters that were
-    # replaced, e.g. by to_empty() after meta-device construction.
-    online, momentum_params = _param_lists(model_pairs)
-    momentum_params = [p.data for p in momentum_params]
-    torch._foreach_mul_(momentum_params, momentum)
-    torch._foreach_add_(momentum_params, [p.data for p in online], alpha=1.0 - momentum)
 
 
 def sample_negatives(weights, offset=0):

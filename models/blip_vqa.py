@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip import create_vit, init_tokenizer, load_checkpoint, load_med_config
+from models.blip import create_vit, init_tokenizer, load_med_config, load_pretrained
 from models.med import BertLMHeadModel, BertModel, smoothed_sequence_loss
 
 
@@ -140,8 +140,4 @@ class BLIP_VQA(nn.Module):
 
 
 def blip_vqa(pretrained='', **kwargs):
-    model = BLIP_VQA(**kwargs)
-    if pretrained:
-        # The original does not insist on a complete checkpoint here.
-        model, msg = load_checkpoint(model, pretrained)
-    return model
+    return load_pretrained(BLIP_VQA(**kwargs), pretrained)

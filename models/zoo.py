@@ -5,7 +5,7 @@
     captions = model.generate(torch.stack([transform(img) for img in images]).cuda())
 
 `load_model` takes a zoo name (downloaded once into the checkpoint cache, see
-models.blip.checkpoint_cache_dir) or a local/URL checkpoint plus the model keys of a task
+engine.fileio.checkpoint_cache_dir) or a local/URL checkpoint plus the model keys of a task
 config (`vit`, `image_size`, `med_config`, `embed_dim`, `prompt`), and builds the model a task
 needs: 'caption' (blip_decoder), 'vqa' (blip_vqa), 'itm' (blip_itm: ITM head and ITC
 features, for matching, classification and search).
@@ -115,5 +115,5 @@ def load_model(model, task, config=None, device='cpu'):
     checkpoint, kwargs = resolve(model, task, config)
     net = {'caption': BLIP_Decoder, 'vqa': BLIP_VQA, 'itm': BLIP_ITM}[task](**kwargs)
     net, msg = load_checkpoint(net, checkpoint)
-    require_weights(net, msg, checkpoint, f'it is not a {task} model')
+    require_weights(net, checkpoint, f'it is not a {task} model', msg=msg)
     return net.to(torch.device(device)).eval(), eval_transform(kwargs['image_size'])

@@ -88,8 +88,8 @@ RETRIEVAL_TOY_OVERRIDES = [f'max_epoch={RETRIEVAL_TOY_EPOCHS}', 'min_lr=1e-4', '
 @pytest.fixture(scope="session")
 def retrieval_toy_run(tmp_path_factory):
     """Output folder (log.txt, checkpoint_best.pth) of the toy retrieval training."""
-    from script_runner import in_repository, one_thread
     import train_retrieval
+    from script_runner import in_repository, one_thread
 
     def train(folder):
         with in_repository(), one_thread():  # as demo.py: the tiny model gains little from a second thread

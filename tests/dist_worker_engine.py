@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402
 import utils  # noqa: E402
+from engine import training
 
 
 class WithQueue(torch.nn.Module):
@@ -26,7 +26,7 @@ class WithQueue(torch.nn.Module):
 args = argparse.Namespace(device='cpu')
 utils.init_distributed_mode(args)
 torch.manual_seed(utils.get_rank())                  # each rank builds different values
-model, _ = engine.wrap_model(WithQueue(), args)
+model, _ = training.wrap_model(WithQueue(), args)
 model(torch.randn(2, 4)).sum().backward()
 queues = [torch.empty(4, 8) for _ in range(utils.get_world_size())]
 dist.all_gather(queues, model.module.queue)

@@ -15,12 +15,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import utils  # noqa: E402
+from engine.monitor import _monitor_intervals, start_rank_monitor  # noqa: E402
 
 
 def main(mode, minutes):
     args = SimpleNamespace(device='cpu', dist_url='env://', dist_timeout=minutes)
-    utils.init_distributed_mode(args)
-    interval, stale_after = utils._monitor_intervals(minutes * 60)
+    store = utils.init_distributed_mode(args)
+    start_rank_monitor(store, args.rank, args.world_size, minutes * 60)
+    interval, stale_after = _monitor_intervals(minutes * 60)
     if mode == 'freeze':
         if args.rank == 1:
             utils.report_progress('at Train Epoch: [0] 3/10')

@@ -67,11 +67,6 @@ def main(out_dir):
     utils.barrier()
     result["markers_after_barrier"] = sorted(p.name for p in out_dir.glob("marker*"))
 
-    # save_on_master: only rank 0 writes.
-    utils.save_on_master({"rank": rank}, out_dir / "master.pth")
-    utils.barrier()
-    result["master_ckpt_rank"] = torch.load(out_dir / "master.pth")["rank"]
-
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     utils.barrier()
     torch.distributed.destroy_process_group()

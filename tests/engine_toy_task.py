@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import engine  # noqa: E402
 import utils  # noqa: E402
+from engine import checkpoints, cli, logs, loop, precision, training
 
 TOY_DEFAULTS = {'nan_at': None, 'pause_at': None, 'fail_eval_at': None, 'stop_after': None, 'num_samples': 48}
 TOY_REQUIRED = ('batch_size_train', 'init_lr', 'min_lr', 'weight_decay', 'max_epoch')
@@ -71,49 +71,49 @@ def main(args, config, device):
     val_loader = DataLoader(dataset, batch_size=16)
 
     model = ToyModel().to(device)
-    model, model_without_ddp = engine.wrap_model(model, args)
+    model, model_without_ddp = training.wrap_model(model, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config['init_lr'], weight_decay=config['weight_decay'])
-    scaler = engine.make_grad_scaler(config, device)
-    state = engine.resume(args, model_without_ddp, optimizer, scaler)
+    scaler = precision.make_grad_scaler(config, device)
+    state = checkpoints.resume(args, model_without_ddp, optimizer, scaler)
     loss_fn = make_loss_fn(config, args.output_dir)
 
     for epoch in range(state.start_epoch, config['max_epoch']):
         if not args.evaluate:
-            train_stats = engine.resumed_train_stats(state, epoch)
+            train_stats = checkpoints.resumed_train_stats(state, epoch)
             if train_stats is None:
-                engine.set_epoch(train_loader, epoch)
+                loop.set_epoch(train_loader, epoch)
                 utils.cosine_lr_schedule(optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-                train_stats = engine.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
+                train_stats = loop.train_one_epoch(model, train_loader, optimizer, epoch, device, config,
                                                      loss_fn, scaler=scaler, state=state)
                 # before the evaluation, so a failing one never costs the epoch
-                engine.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
+                checkpoints.save_last_checkpoint(args.output_dir, model_without_ddp, optimizer, scaler, config,
                                             epoch, state, train_stats=train_stats)
         if config['fail_eval_at'] == epoch:
             raise RuntimeError(f'evaluation of epoch {epoch} failed (test hook)')
         val_stats = evaluate(model_without_ddp, val_loader)
         if args.evaluate:
-            engine.log_json(args.output_dir, {f'val_{k}': v for k, v in val_stats.items()}, 'evaluate.txt')
+            logs.log_json(args.output_dir, {f'val_{k}': v for k, v in val_stats.items()}, 'evaluate.txt')
             break
         score = -val_stats['mse']
         if epoch == 0 or score > state.best:
             state.best, state.best_epoch = score, epoch
-            engine.save_model(os.path.join(args.output_dir, engine.BEST_CHECKPOINT),
+            checkpoints.save_model(os.path.join(args.output_dir, checkpoints.BEST_CHECKPOINT),
                               model_without_ddp, optimizer, config, epoch)
-        engine.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+        logs.log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
                                           **{f'val_{k}': v for k, v in val_stats.items()},
                                           'epoch': epoch, 'best_epoch': state.best_epoch})
-        engine.mark_evaluated(args.output_dir, epoch, state)
+        checkpoints.mark_evaluated(args.output_dir, epoch, state)
         if config['stop_after'] == epoch:
             raise KeyboardInterrupt(f'stopped after epoch {epoch} (test hook)')
-        engine.end_epoch(device)
+        training.end_epoch(device)
     return model_without_ddp
 
 
 def run(argv):
-    args, config = engine.parse_args_and_config('engine toy task', 'toy.yaml', 'output/toy',
+    args, config = cli.parse_args_and_config('engine toy task', 'toy.yaml', 'output/toy',
                                                 defaults=TOY_DEFAULTS, required=TOY_REQUIRED,
-                                                known=(), argv=argv)
-    device = engine.setup(args, config)
+                                                known=(), argv=argv, doc=__doc__)
+    device = training.setup(args, config)
     return main(args, config, device)
 
 

@@ -2,7 +2,7 @@
 
 For tests/test_retrieval_ddp.py: run like train_retrieval.py (one process or under
 torchrun) with SCORE_DUMP_DIR set; the main process writes SCORE_DUMP_DIR/scores_<n>.npz
-(arrays i2t, t2i) for the n-th call of train_retrieval.evaluation (val, then test, per epoch).
+(arrays i2t, t2i) for the n-th call of ranking.evaluation (val, then test, per epoch).
 """
 import os
 import sys
@@ -12,10 +12,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ranking  # noqa: E402
 import train_retrieval  # noqa: E402
 import utils  # noqa: E402
 
-_evaluation = train_retrieval.evaluation
+_evaluation = ranking.evaluation
 _calls = []
 
 
@@ -30,5 +31,5 @@ def evaluation_with_dump(model, data_loader, device, config):
 
 if __name__ == '__main__':
     os.makedirs(os.environ['SCORE_DUMP_DIR'], exist_ok=True)
-    train_retrieval.evaluation = evaluation_with_dump  # main() looks it up at call time
+    ranking.evaluation = evaluation_with_dump  # evaluate_split looks it up at call time
     train_retrieval.run()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from engine import cli, preflight
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,8 +35,7 @@ def one_thread():
 def script_config(script, config_path):
     """(args, config) as task `script`'s run() reads `config_path` (relative to the repository):
     the script's defaults and required keys, no command-line arguments."""
-    import engine
-    return engine.parse_args_and_config('t', str(REPO / config_path), 'out', defaults=script.TASK_DEFAULTS,
+    return cli.parse_args_and_config('t', str(REPO / config_path), 'out', defaults=script.TASK_DEFAULTS,
                                         required=script.REQUIRED_KEYS,
                                         known=getattr(script, 'OPTIONAL_KEYS', ()), argv=[])
 
@@ -56,11 +57,10 @@ def toy_setup(script, config_path):
     """script_config() of a toy config, as run() prepares it before building the model: from
     the repository folder (the toy configs' data paths are relative to it), with the synthetic
     data written and the seed set."""
-    import engine
     import utils
     args, config = script_config(script, config_path)
     with in_repository():
-        engine.check_paths(config, str(config_path))
+        preflight.check_paths(config, str(config_path))
         utils.set_seed(args.seed)
         yield args, config
 

@@ -3,16 +3,14 @@ unreadable images skipped with their file and entry, a killed run resumed to the
 processes equal to one, filter_only / caption_only. Models with random weights saved as
 checkpoints: these tests check the machinery (tests/test_capfilt_toy.py has the learning proof)."""
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import REPO
-from script_runner import one_thread, run_script
-
 import capfilt
-import utils
+from conftest import REPO
+from engine.config import ConfigError, load_config
+from script_runner import one_thread, run_script
 
 CONFIG = REPO / 'configs' / 'shapes' / 'capfilt.yaml'
 OUTPUTS = ('scores.jsonl', 'web_filtered.json', 'synthetic_filtered.json')
@@ -25,8 +23,8 @@ def setup(tmp_path_factory):
     from models.blip import BLIP_Decoder
     from models.blip_itm import BLIP_ITM
     root = tmp_path_factory.mktemp('capfilt')
-    paths = make_synthetic(root / 'data', num_images=24, num_videos=1)
-    config = utils.load_config(str(CONFIG))
+    make_synthetic(root / 'data', num_images=24, num_videos=1)
+    config = load_config(str(CONFIG))
     keys = dict(image_size=config['image_size'], vit=config['vit'], med_config=config['med_config'])
     torch.manual_seed(0)
     checkpoints = {}
@@ -141,11 +139,11 @@ def test_filter_only_and_caption_only(setup, tmp_path):
 
 
 def test_bad_settings_are_refused(setup, tmp_path):
-    with pytest.raises(utils.ConfigError, match='filter_checkpoint is empty'):
+    with pytest.raises(ConfigError, match='filter_checkpoint is empty'):
         capfilt.run(args(setup, tmp_path / 'a', 'filter_checkpoint='))
-    with pytest.raises(utils.ConfigError, match='exclude each other'):
+    with pytest.raises(ConfigError, match='exclude each other'):
         capfilt.run(args(setup, tmp_path / 'b', 'filter_only=true', 'caption_only=true'))
-    with pytest.raises(utils.ConfigError, match='top_p must be a number > 0 and <= 1; got 1.5'):
+    with pytest.raises(ConfigError, match='top_p must be a number > 0 and <= 1; got 1.5'):
         capfilt.run(args(setup, tmp_path / 'c', 'top_p=1.5'))
     # a captioning checkpoint given as the filter lacks the ITM head: refused, naming it
     _, checkpoints, _ = setup

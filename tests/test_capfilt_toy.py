@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from conftest import REPO
-from script_runner import in_repository, one_thread
-
 import capfilt
 import pretrain
 import train_caption
+from conftest import REPO
 from data.synthetic import COLOURS, corrupt_captions
+from script_runner import in_repository, one_thread
 
 CONFIG = REPO / 'configs' / 'shapes' / 'capfilt.yaml'
 CORRUPTED_FRACTION = 0.3

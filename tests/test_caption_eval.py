@@ -13,8 +13,10 @@ import pytest
 import torch.multiprocessing as mp
 
 import data.utils as data_utils
-from data.utils import DataError, caption_eval, coco_caption_eval, save_result
+import metrics
+from data.utils import DataError, save_result
 from data_fixtures import synthetic  # noqa: F401
+from metrics import caption_eval, coco_caption_eval
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 WRONG = "a brown dog sleeping on a sofa"
@@ -55,7 +57,7 @@ def evaluated(synthetic, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp_:
             mp_.setitem(data_utils.ANNOTATION_URLS, "coco_karpathy_val_gt.json",
                         f"http://127.0.0.1:{server.server_address[1]}/coco_karpathy_val_gt.json")
-            mp_.setattr(data_utils, "spice_available", lambda: False)
+            mp_.setattr(metrics, "spice_available", lambda: False)
 
             def no_evaluate(self):
                 raise AssertionError("COCOEvalCap.evaluate() builds SPICE; must not be called")
@@ -175,9 +177,8 @@ def test_save_result_with_two_gloo_processes(tmp_path):
 
 
 def test_meteor_process_is_reused_across_calls():
-    import data.utils as data_utils
-    first = data_utils._meteor()
-    assert data_utils._meteor() is first            # one java process per Python process
-    data_utils._close_meteor(first)
-    second = data_utils._meteor()                   # a dead process is replaced
+    first = metrics._meteor()
+    assert metrics._meteor() is first               # one java process per Python process
+    metrics._close_meteor(first)
+    second = metrics._meteor()                      # a dead process is replaced
     assert second is not first and second.meteor_p.poll() is None

@@ -8,6 +8,8 @@ from ruamel.yaml import YAML
 
 import utils
 from conftest import REPO
+from engine.cli import parse_command_line
+from engine.config import ENGINE_DEFAULTS, ConfigError, check_config, load_config, require_keys, save_config
 
 CONFIGS = REPO / "configs"
 
@@ -68,7 +70,7 @@ def sample_config(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 def test_load_without_overrides_types_values(sample_config):
-    config = utils.load_config(sample_config)
+    config = load_config(sample_config)
     assert config["init_lr"] == 1e-5 and isinstance(config["init_lr"], float)
     assert config["vit_grad_ckpt"] is True
     assert config["vit"] == {"width": 32, "depth": 2}
@@ -76,7 +78,7 @@ def test_load_without_overrides_types_values(sample_config):
 
 
 def test_overrides_are_typed(sample_config):
-    config = utils.load_config(sample_config, [
+    config = load_config(sample_config, [
         "init_lr=2e-6", "batch_size=8", "vit_grad_ckpt=false", "train_files=[vg_qa]",
         "prompt='a photo of '", "image_root=/data/coco/", "batch_size=16"])
     assert config["init_lr"] == 2e-6 and isinstance(config["init_lr"], float)
@@ -88,22 +90,22 @@ def test_overrides_are_typed(sample_config):
 
 
 def test_override_values_edge_cases(sample_config):
-    config = utils.load_config(sample_config, ["prompt=", "image_root=a=b", "batch_size=~"])
+    config = load_config(sample_config, ["prompt=", "image_root=a=b", "batch_size=~"])
     assert config["prompt"] == ""          # empty text is an empty string, not None
     assert config["image_root"] == "a=b"   # only the first '=' separates key and value
     assert config["batch_size"] is None
 
 
 def test_nested_override(sample_config):
-    config = utils.load_config(sample_config, ["vit.depth=12", "vit.width=768"])
+    config = load_config(sample_config, ["vit.depth=12", "vit.width=768"])
     assert config["vit"] == {"width": 768, "depth": 12}
-    replaced = utils.load_config(sample_config, ["vit={width: 16, depth: 1, heads: 2}"])
+    replaced = load_config(sample_config, ["vit={width: 16, depth: 1, heads: 2}"])
     assert replaced["vit"] == {"width": 16, "depth": 1, "heads": 2}
 
 
 def test_unknown_key_lists_valid_keys(sample_config):
     with pytest.raises(ValueError) as err:
-        utils.load_config(sample_config, ["init_lrr=1e-5"])
+        load_config(sample_config, ["init_lrr=1e-5"])
     message = str(err.value)
     assert "init_lrr" in message and str(sample_config) in message
     for key in ("batch_size", "image_root", "init_lr", "prompt", "vit"):
@@ -111,23 +113,23 @@ def test_unknown_key_lists_valid_keys(sample_config):
 
 
 def test_unknown_nested_key_lists_nested_keys(sample_config):
-    with pytest.raises(utils.ConfigError, match=r"vit\.heads.*valid keys: depth, width"):
-        utils.load_config(sample_config, ["vit.heads=4"])
+    with pytest.raises(ConfigError, match=r"vit\.heads.*valid keys: depth, width"):
+        load_config(sample_config, ["vit.heads=4"])
 
 
 def test_override_through_a_non_mapping_is_an_error(sample_config):
-    with pytest.raises(utils.ConfigError, match="'batch_size'.*not a mapping"):
-        utils.load_config(sample_config, ["batch_size.x=1"])
+    with pytest.raises(ConfigError, match="'batch_size'.*not a mapping"):
+        load_config(sample_config, ["batch_size.x=1"])
 
 
 def test_override_without_equals_is_an_error(sample_config):
-    with pytest.raises(utils.ConfigError, match="key=value"):
-        utils.load_config(sample_config, ["batch_size"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(sample_config, ["batch_size"])
 
 
 def test_defaults_are_merged_under_the_file(sample_config):
     defaults = {"batch_size": 1, "amp": False, "vit": {"heads": 2}}
-    config = utils.load_config(sample_config, ["amp=true", "vit.heads=4"], defaults=defaults)
+    config = load_config(sample_config, ["amp=true", "vit.heads=4"], defaults=defaults)
     assert config["batch_size"] == 32        # the file wins over defaults
     assert config["amp"] is True             # keys only in defaults can be overridden
     assert config["vit"] == {"width": 32, "depth": 2, "heads": 4}
@@ -140,32 +142,32 @@ def test_defaults_are_merged_under_the_file(sample_config):
 
 def test_missing_file_names_the_file(tmp_path):
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(utils.ConfigError, match="nope.yaml"):
-        utils.load_config(missing)
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("image_root: 'datasets/\nbatch_size: [1, 2\n")
-    with pytest.raises(utils.ConfigError, match=r"malformed YAML in config file .*broken\.yaml"):
-        utils.load_config(bad)
+    with pytest.raises(ConfigError, match=r"malformed YAML in config file .*broken\.yaml"):
+        load_config(bad)
 
 
 def test_non_mapping_yaml_names_the_file(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")
-    with pytest.raises(utils.ConfigError, match=r"list\.yaml must hold a mapping"):
-        utils.load_config(bad)
+    with pytest.raises(ConfigError, match=r"list\.yaml must hold a mapping"):
+        load_config(bad)
 
 
 def test_require_keys_names_key_and_file(sample_config):
-    config = utils.load_config(sample_config)
-    utils.require_keys(config, ["image_root", "vit.depth"], sample_config)  # all present
-    with pytest.raises(utils.ConfigError) as err:
-        utils.require_keys(config, ["image_root", "k_test"], sample_config)
+    config = load_config(sample_config)
+    require_keys(config, ["image_root", "vit.depth"], sample_config)  # all present
+    with pytest.raises(ConfigError) as err:
+        require_keys(config, ["image_root", "k_test"], sample_config)
     assert "'k_test'" in str(err.value) and str(sample_config) in str(err.value)
-    with pytest.raises(utils.ConfigError, match="'vit.heads'"):
-        utils.require_keys(config, ["vit.heads"], sample_config)
+    with pytest.raises(ConfigError, match="'vit.heads'"):
+        require_keys(config, ["vit.heads"], sample_config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,8 +178,8 @@ def test_require_keys_names_key_and_file(sample_config):
 def test_official_yaml_loads_with_the_original_keys(name):
     path = CONFIGS / f"{name}.yaml"
     assert path.read_text().startswith("#"), f"{path} should open with a comment"
-    config = utils.load_config(path)
-    utils.require_keys(config, OFFICIAL_KEYS[name], path)
+    config = load_config(path)
+    require_keys(config, OFFICIAL_KEYS[name], path)
     assert set(config) == set(OFFICIAL_KEYS[name])
     for key in PATH_KEYS & set(config):
         paths = config[key] if isinstance(config[key], list) else [config[key]]
@@ -191,20 +193,20 @@ def test_official_yaml_loads_with_the_original_keys(name):
 
 
 def test_official_values_spot_check():
-    coco = utils.load_config(CONFIGS / "retrieval_coco.yaml")
+    coco = load_config(CONFIGS / "retrieval_coco.yaml")
     assert (coco["k_test"], coco["init_lr"], coco["queue_size"], coco["max_epoch"]) == \
         (256, 1e-5, 57600, 6)
     assert coco["negative_all_rank"] is True and coco["dataset"] == "coco"
-    flickr = utils.load_config(CONFIGS / "retrieval_flickr.yaml")
+    flickr = load_config(CONFIGS / "retrieval_flickr.yaml")
     assert (flickr["k_test"], flickr["negative_all_rank"], flickr["dataset"]) == \
         (128, False, "flickr")
-    vqa = utils.load_config(CONFIGS / "vqa.yaml")
+    vqa = load_config(CONFIGS / "vqa.yaml")
     assert (vqa["image_size"], vqa["inference"], vqa["train_files"]) == \
         (480, "rank", ["vqa_train", "vqa_val", "vg_qa"])
-    pretrain = utils.load_config(CONFIGS / "pretrain.yaml")
+    pretrain = load_config(CONFIGS / "pretrain.yaml")
     assert (pretrain["init_lr"], pretrain["warmup_steps"], pretrain["lr_decay_rate"]) == \
         (3e-4, 3000, 0.9)
-    caption = utils.load_config(CONFIGS / "caption_coco.yaml")
+    caption = load_config(CONFIGS / "caption_coco.yaml")
     assert caption["prompt"] == "a picture of " and caption["num_beams"] == 3
 
 
@@ -224,16 +226,16 @@ def test_bert_and_med_configs():
 
 @pytest.mark.parametrize("name", ["retrieval_coco", "pretrain", "vqa"])
 def test_save_config_round_trips(tmp_path, name):
-    config = utils.load_config(CONFIGS / f"{name}.yaml", ["init_lr=3e-6"])
-    saved = utils.save_config(config, tmp_path / "out")
+    config = load_config(CONFIGS / f"{name}.yaml", ["init_lr=3e-6"])
+    saved = save_config(config, tmp_path / "out")
     assert saved == str(tmp_path / "out" / "config.yaml")
-    assert utils.load_config(saved) == config
+    assert load_config(saved) == config
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml"]
 
 
 def test_save_config_writes_plain_yaml(tmp_path):
     config = {"sizes": (1, 2), "nested": {"lr": 1e-5, "on": True}, "name": "x"}
-    utils.save_config(config, tmp_path)
+    save_config(config, tmp_path)
     reloaded = YAML(typ="safe").load((tmp_path / "config.yaml").read_text())
     assert reloaded == {"sizes": [1, 2], "nested": {"lr": 1e-5, "on": True}, "name": "x"}
 
@@ -243,7 +245,7 @@ def test_save_config_writes_plain_yaml(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 def test_command_line_defaults(sample_config):
-    args, config = utils.parse_args_and_config("test", str(sample_config), argv=[])
+    args, config = parse_command_line("test", str(sample_config), argv=[])
     assert args.config == str(sample_config)
     assert args.output_dir == "output"
     assert args.evaluate is False
@@ -251,14 +253,14 @@ def test_command_line_defaults(sample_config):
     assert args.seed == 42 and args.world_size == 1 and args.dist_url == "env://"
     assert args.distributed is True and args.resume == ""
     assert args.overrides == []
-    assert config == utils.load_config(sample_config)
+    assert config == load_config(sample_config)
 
 
 def test_command_line_flags_and_overrides(sample_config, tmp_path):
     argv = ["--evaluate", "--device", "cpu", "--seed", "7", "--distributed", "false",
             "--output_dir", str(tmp_path), "--resume", "ckpt.pth",
             "batch_size=4", "--opts", "vit.depth=3", "init_lr=1e-4"]
-    args, config = utils.parse_args_and_config("test", str(sample_config), argv=argv)
+    args, config = parse_command_line("test", str(sample_config), argv=argv)
     assert args.evaluate is True and args.device == "cpu" and args.seed == 7
     assert args.distributed is False
     assert args.output_dir == str(tmp_path) and args.resume == "ckpt.pth"
@@ -268,7 +270,7 @@ def test_command_line_flags_and_overrides(sample_config, tmp_path):
 
 def test_command_line_positional_overrides_between_flags(sample_config):
     argv = ["batch_size=4", "--evaluate", "vit.width=8", "--checkpoint", "c.pth"]
-    args, config = utils.parse_args_and_config("test", str(sample_config), argv=argv)
+    args, config = parse_command_line("test", str(sample_config), argv=argv)
     assert args.evaluate is True and args.resume == "c.pth"  # --checkpoint as pretrain.py
     assert (config["batch_size"], config["vit"]["width"]) == (4, 8)
 
@@ -277,7 +279,7 @@ def test_command_line_defaults_and_extra_args(sample_config):
     def add_args(parser):
         parser.add_argument("--text_encoder", default="bert")
 
-    args, config = utils.parse_args_and_config(
+    args, config = parse_command_line(
         "test", str(sample_config), defaults={"amp": False}, argv=["amp=true"],
         add_args=add_args)
     assert args.text_encoder == "bert" and config["amp"] is True
@@ -289,14 +291,14 @@ def test_command_line_defaults_and_extra_args(sample_config):
 ])
 def test_command_line_errors_exit_with_a_message(sample_config, capsys, argv, message):
     with pytest.raises(SystemExit) as err:
-        utils.parse_args_and_config("test", str(sample_config), argv=argv)
+        parse_command_line("test", str(sample_config), argv=argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_command_line_missing_config_names_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        utils.parse_args_and_config("test", str(tmp_path / "absent.yaml"), argv=[])
+        parse_command_line("test", str(tmp_path / "absent.yaml"), argv=[])
     assert "absent.yaml" in capsys.readouterr().err
 
 
@@ -314,17 +316,16 @@ def test_command_line_missing_config_names_the_file(tmp_path, capsys):
 def test_numeric_values_are_checked_naming_key_value_and_file(override, message):
     import train_retrieval
     config_file = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
-    with pytest.raises(utils.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         train_retrieval.run(['--config', str(config_file), '--device', 'cpu', override])
     assert message in str(error.value) and str(config_file) in str(error.value)
 
 
 def test_every_official_and_toy_config_passes_the_value_checks():
-    import engine
     configs = sorted((REPO / 'configs').glob('*.yaml')) + sorted((REPO / 'configs' / 'shapes').glob('*.yaml'))
     assert len(configs) > 15
     for path in configs:
-        engine.check_config(utils.load_config(str(path), defaults=engine.ENGINE_DEFAULTS), path)
+        check_config(load_config(str(path), defaults=ENGINE_DEFAULTS), path)
 
 
 @pytest.mark.parametrize('script', ['train_retrieval', 'train_caption', 'train_vqa', 'train_nlvr', 'pretrain',
@@ -343,7 +344,7 @@ def test_help_ends_with_the_scripts_examples(script, capsys):
     assert '(default: 10)' in flat.split('--dist_timeout MINUTES')[-1].split('--resume')[0]
     keys = flat.split('config keys with defaults')[1]
     assert 'amp="none"' in keys and 'accum_steps=1' in keys and 'num_workers=4' in keys
-    defaults = {**importlib.import_module('engine').ENGINE_DEFAULTS, **getattr(module, 'TASK_DEFAULTS', {})}
+    defaults = {**importlib.import_module('engine.config').ENGINE_DEFAULTS, **getattr(module, 'TASK_DEFAULTS', {})}
     for key in getattr(module, 'REQUIRED_KEYS', ()):
         assert key in flat.split('config keys the file must set:')[1].split('config keys with defaults')[0]
         assert f' {key}=' not in keys and key not in defaults

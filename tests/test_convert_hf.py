@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO
+from engine.fileio import CheckpointError, save_safetensors
 from model_builders import build_model, constructor_kwargs
-
-import utils
 from models.blip import BLIP_Decoder, read_checkpoint
 from models.blip_retrieval import BLIP_Retrieval
 from models.blip_vqa import BLIP_VQA
@@ -170,7 +169,7 @@ def test_safetensors_checkpoints_give_the_pth_outputs(converted, tmp_path):
     from models.blip import load_checkpoint
     model, checkpoint, _, _ = converted['caption']
     path = tmp_path / 'caption.safetensors'
-    utils.save_safetensors(model.state_dict(), path)
+    save_safetensors(model.state_dict(), path)
     rebuilt = BLIP_Decoder(**constructor_kwargs('caption')).eval()
     _, msg = load_checkpoint(rebuilt, str(path))
     assert not msg.missing_keys
@@ -181,10 +180,10 @@ def test_safetensors_checkpoints_give_the_pth_outputs(converted, tmp_path):
 
     data = path.read_bytes()
     (tmp_path / 'cut.safetensors').write_bytes(data[:len(data) // 2])
-    with pytest.raises(utils.CheckpointError, match='cut.safetensors is a truncated .safetensors'):
+    with pytest.raises(CheckpointError, match='cut.safetensors is a truncated .safetensors'):
         read_checkpoint(str(tmp_path / 'cut.safetensors'))
     # a wrong key set: the zoo's loader refuses a model whose weights are missing
-    utils.save_safetensors({'visual_encoder.cls_token': torch.zeros(1, 1, 32)}, tmp_path / 'wrong.safetensors')
+    save_safetensors({'visual_encoder.cls_token': torch.zeros(1, 1, 32)}, tmp_path / 'wrong.safetensors')
     rebuilt = BLIP_Decoder(**constructor_kwargs('caption'))
     _, msg = load_checkpoint(rebuilt, str(tmp_path / 'wrong.safetensors'))
     assert 'text_decoder.bert.embeddings.word_embeddings.weight' in msg.missing_keys

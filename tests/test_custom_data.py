@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from data_fixtures import data_config, synthetic  # noqa: F401 (fixture)
-from script_runner import one_thread, read_json_lines, script_config
-
 import data
 import train_caption
 import train_retrieval
+from conftest import REPO
 from data.coco_karpathy_dataset import coco_image_id
 from data.custom_dataset import load_splits, read_rows
-from data.utils import DataError, caption_eval
-from utils import ConfigError
+from data.utils import DataError
+from data_fixtures import data_config, synthetic  # noqa: F401 (fixture)
+from engine import preflight
+from engine.config import ConfigError, load_config
+from metrics import caption_eval
+from script_runner import one_thread, read_json_lines, script_config
 
 TOY_RETRIEVAL = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
 TOY_CAPTION = REPO / 'configs' / 'shapes' / 'caption_coco.yaml'
@@ -172,9 +173,7 @@ def test_config_errors_name_the_key(synthetic, tmp_path):  # noqa: F811
 
 def toy_user_files(tmp_path):
     """The toy configs' shapes data as a user's CSV/JSON/JSONL files (generated on first use)."""
-    import engine
-    import utils
-    engine.prepare_synthetic_data(utils.load_config(str(TOY_RETRIEVAL)))
+    preflight.prepare_synthetic_data(load_config(str(TOY_RETRIEVAL)))
     return write_user_files(SHAPES / 'annotation', tmp_path / 'mine')
 
 

@@ -11,8 +11,17 @@ from torch.utils.data import DistributedSampler, RandomSampler, SequentialSample
 import data
 from data import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from data.coco_karpathy_dataset import coco_image_id
-from data.synthetic import (ANSWER_LIST, COLOURS, NLVR_KINDS, POSITIONS, SHAPES, _nlvr_entries,
-                            corrupt_captions, make_scenes, make_synthetic)
+from data.synthetic import (
+    ANSWER_LIST,
+    COLOURS,
+    NLVR_KINDS,
+    POSITIONS,
+    SHAPES,
+    _nlvr_entries,
+    corrupt_captions,
+    make_scenes,
+    make_synthetic,
+)
 from data.video_dataset import sample_frame_indices
 from data_fixtures import IMAGE_SIZE, SYNTHETIC_KW, data_config, synthetic  # noqa: F401
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from engine.cli import add_common_args
 
 WORLD_SIZE = 2
 WORKER = REPO / "tests" / "dist_worker_utils.py"
@@ -91,16 +92,12 @@ def test_barrier_waits_for_every_rank(worker_results):
         assert res["markers_after_barrier"] == [f"marker{r}" for r in range(WORLD_SIZE)]
 
 
-def test_save_on_master_writes_from_rank0(worker_results):
-    for res in worker_results:
-        assert res["master_ckpt_rank"] == 0
-
-
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
     import argparse
     import datetime
 
     import pytest
+
     import utils
     seen = {}
     monkeypatch.setenv('RANK', '0')
@@ -115,12 +112,11 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
             seen['store_timeout'] = timeout
     store = Store()
     monkeypatch.setattr(utils.dist, 'rendezvous', lambda url, rank, world, timeout: iter([(store, rank, world)]))
-    monkeypatch.setattr(utils, 'start_rank_monitor', lambda *a: seen.update(monitor=a))
-    parser = utils.add_common_args(argparse.ArgumentParser())
+    parser = add_common_args(argparse.ArgumentParser())
     args = parser.parse_args(['--device', 'cpu', '--dist_timeout', '90'])
-    utils.init_distributed_mode(args)
+    assert utils.init_distributed_mode(args) is store  # the rank monitor shares it (engine.training.setup)
     assert seen['timeout'] == seen['store_timeout'] == datetime.timedelta(minutes=90) and seen['backend'] == 'gloo'
-    assert seen['store'] is store and seen['monitor'] == (store, 0, 1, 90 * 60.0)
+    assert seen['store'] is store
     utils.init_distributed_mode(parser.parse_args(['--device', 'cpu']))
     assert seen['timeout'] == datetime.timedelta(minutes=10)  # the default: a few minutes
     args.dist_timeout = 0
@@ -158,7 +154,7 @@ def test_a_frozen_rank_is_named_before_the_timeout_ends_the_job():
     assert procs[0].returncode != 0, out + err  # the barrier timed out
     assert 'rank 0 done' not in out
     message = next(line for line in err.splitlines() if 'has not responded' in line)
-    assert message.startswith(f'rank 1 (host ') and f'pid {procs[1].pid})' in message, message
+    assert message.startswith('rank 1 (host ') and f'pid {procs[1].pid})' in message, message
     assert 'it was at Train Epoch: [0] 3/10' in message
     assert 'the job fails when --dist_timeout (0.25 min) has passed' in message
     assert message == [line for line in err.splitlines() if 'has not responded' in line][-1]  # said once

@@ -1,9 +1,9 @@
-"""The shared training engine (engine.py) on a toy model: accumulation, mixed precision,
+"""The shared training engine (the engine package) on a toy model: accumulation, mixed precision,
 NaN stop, checkpoints, resume, and a run killed with SIGKILL that continues where it stopped."""
 import copy
 import hashlib
-import json
 import http.server
+import json
 import os
 import random
 import re
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import REPO
-
-import engine
-import utils
+from engine import checkpoints, cli, fileio, loop, precision, preflight, training
+from engine.config import ENGINE_DEFAULTS, ConfigError
+from engine.fileio import CheckpointError, WriteError, save_checkpoint
 
 sys.path.insert(0, str(REPO / 'tests'))
 import engine_toy_task as toy  # noqa: E402
@@ -62,9 +62,9 @@ def mse_loss_fn(model, batch, epoch, i, num_iters):
 def one_epoch(model, dataset, batch_size, accum_steps, optimizer_cls=torch.optim.SGD, **kw):
     optimizer = optimizer_cls(model.parameters(), lr=0.1)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    state = engine.TrainState()
-    config = {**engine.ENGINE_DEFAULTS, 'accum_steps': accum_steps, **kw.pop('config', {})}
-    stats = engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, mse_loss_fn,
+    state = checkpoints.TrainState()
+    config = {**ENGINE_DEFAULTS, 'accum_steps': accum_steps, **kw.pop('config', {})}
+    stats = loop.train_one_epoch(model, loader, optimizer, 0, CPU, config, mse_loss_fn,
                                    state=state, **kw)
     return stats, state
 
@@ -109,7 +109,7 @@ def test_loss_weights_scale_each_loss_in_the_sum_but_not_in_the_logs():
     weighted, reference = copy.deepcopy(model), copy.deepcopy(model)
     loader = DataLoader(dataset, batch_size=24, shuffle=False)
     optimizer = torch.optim.SGD(weighted.parameters(), lr=0.1)
-    stats = engine.train_one_epoch(weighted, loader, optimizer, 0, CPU, dict(engine.ENGINE_DEFAULTS), two_losses,
+    stats = loop.train_one_epoch(weighted, loader, optimizer, 0, CPU, dict(ENGINE_DEFAULTS), two_losses,
                                    loss_weights={'loss_a': 0.25})  # loss_b keeps weight 1
     # the same step by hand: 0.25 * a + b
     x, y = dataset.tensors
@@ -135,7 +135,7 @@ def single_process_group(tmp_path):
 def test_ddp_syncs_only_on_the_optimizer_step(single_process_group):
     model, dataset = linear_setup()
     reference = copy.deepcopy(model)
-    ddp, inner = engine.wrap_model(model, Namespace(gpu=None))
+    ddp, inner = training.wrap_model(model, Namespace(gpu=None))
     assert isinstance(ddp, nn.parallel.DistributedDataParallel) and inner is model
 
     no_sync_calls = []
@@ -156,7 +156,7 @@ def test_ddp_syncs_only_on_the_optimizer_step(single_process_group):
 
 def test_without_process_group_the_model_is_not_wrapped():
     model, _ = linear_setup()
-    wrapped, inner = engine.wrap_model(model, Namespace(gpu=None))
+    wrapped, inner = training.wrap_model(model, Namespace(gpu=None))
     assert wrapped is model and inner is model
 
 
@@ -174,13 +174,13 @@ def test_autocast_paths_on_cpu(amp, dtype):
         seen.append(out.dtype)
         return {'loss': F.mse_loss(out.float(), y)}
 
-    config = {**engine.ENGINE_DEFAULTS, 'amp': amp}
-    scaler = engine.make_grad_scaler(config, CPU)
+    config = {**ENGINE_DEFAULTS, 'amp': amp}
+    scaler = precision.make_grad_scaler(config, CPU)
     assert not scaler.is_enabled()  # a GradScaler only for fp16 on CUDA
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(dataset, batch_size=8)
-    stats = engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, loss_fn, scaler=scaler)
+    stats = loop.train_one_epoch(model, loader, optimizer, 0, CPU, config, loss_fn, scaler=scaler)
     assert set(seen) == {dtype}
     assert np.isfinite(float(stats['loss']))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
@@ -191,10 +191,10 @@ def test_fp16_with_an_enabled_scaler_and_clipping():
     # the scaler path (scale, unscale before clipping, step, update) with a CPU GradScaler
     model, dataset = linear_setup()
     reference = copy.deepcopy(model)
-    config = {**engine.ENGINE_DEFAULTS, 'amp': 'fp16', 'clip_grad_norm': 0.05}
+    config = {**ENGINE_DEFAULTS, 'amp': 'fp16', 'clip_grad_norm': 0.05}
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = engine.train_one_epoch(model, DataLoader(dataset, batch_size=24), optimizer, 0, CPU,
+    stats = loop.train_one_epoch(model, DataLoader(dataset, batch_size=24), optimizer, 0, CPU,
                                    config, mse_loss_fn, scaler=scaler)
     assert 'grad_norm' in stats and float(stats['grad_norm']) > 0.05
 
@@ -213,7 +213,7 @@ def test_engine_config_is_checked(tmp_path):
     config_path = write_toy_config(tmp_path / 'toy.yaml')
     for override, message in [('amp=fp32', 'amp must be one of'), ('accum_steps=0', 'accum_steps'),
                               ('clip_grad_norm=-1', 'clip_grad_norm')]:
-        with pytest.raises(utils.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             toy.run(toy_argv(config_path, tmp_path / 'out', override))
     assert not (tmp_path / 'out').exists()
 
@@ -230,7 +230,7 @@ def test_unknown_override_key_fails_before_training(tmp_path, capsys):
 
 def test_engine_keys_may_be_overridden_and_options_mix_with_overrides(tmp_path):
     config_path = write_toy_config(tmp_path / 'toy.yaml')
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         'toy', 'unused.yaml', 'out', defaults=toy.TOY_DEFAULTS,
         argv=['amp=bf16', '--config', str(config_path), 'init_lr=0.5', '--evaluate',
               '--opts', 'accum_steps=4'])
@@ -240,10 +240,10 @@ def test_engine_keys_may_be_overridden_and_options_mix_with_overrides(tmp_path):
 
 
 def test_unknown_file_key_and_missing_key(tmp_path):
-    with pytest.raises(utils.ConfigError, match='unknown key.*max_epochs'):
+    with pytest.raises(ConfigError, match='unknown key.*max_epochs'):
         toy.run(toy_argv(write_toy_config(tmp_path / 'a.yaml', max_epochs=3), tmp_path / 'out'))
     (tmp_path / 'b.yaml').write_text('batch_size_train: 8\ninit_lr: 0.1\n')
-    with pytest.raises(utils.ConfigError, match="missing required key 'min_lr'"):
+    with pytest.raises(ConfigError, match="missing required key 'min_lr'"):
         toy.run(toy_argv(tmp_path / 'b.yaml', tmp_path / 'out'))
 
 
@@ -256,10 +256,10 @@ def test_missing_config_resume_data_and_checkpoint_paths(tmp_path, capsys):
         toy.run(toy_argv(config_path, tmp_path / 'out', '--resume', str(tmp_path / 'missing.pth')))
     config = {'image_root': str(tmp_path / 'images'), 'pretrained': str(tmp_path / 'model.pth')}
     with pytest.raises(FileNotFoundError, match='image_root.*images'):
-        engine.check_paths(config, 'c.yaml', dirs=['image_root'])
+        preflight.check_paths(config, 'c.yaml', dirs=['image_root'])
     with pytest.raises(FileNotFoundError, match='pretrained.*model.pth'):
-        engine.check_paths(config, 'c.yaml', files=['pretrained'])
-    engine.check_paths({'pretrained': '', 'image_root': str(tmp_path)}, 'c.yaml',
+        preflight.check_paths(config, 'c.yaml', files=['pretrained'])
+    preflight.check_paths({'pretrained': '', 'image_root': str(tmp_path)}, 'c.yaml',
                        dirs=['image_root'], files=['pretrained'])
 
 
@@ -282,20 +282,20 @@ def http_server():
 
 def test_checkpoint_urls_are_checked_before_any_work(tmp_path, monkeypatch, http_server):
     monkeypatch.setenv('BLIP_CACHE', str(tmp_path / 'cache'))
-    engine.check_paths({'pretrained': f'{http_server}/model_ok.pth'}, 'c.yaml', files=['pretrained'])
+    preflight.check_paths({'pretrained': f'{http_server}/model_ok.pth'}, 'c.yaml', files=['pretrained'])
     with pytest.raises(FileNotFoundError, match=r'c.yaml: pretrained: checkpoint URL .*/missing.pth does not exist'):
-        engine.check_paths({'pretrained': f'{http_server}/missing.pth'}, 'c.yaml', files=['pretrained'])
+        preflight.check_paths({'pretrained': f'{http_server}/missing.pth'}, 'c.yaml', files=['pretrained'])
     with socket.socket() as s:  # a port nobody listens on
         s.bind(('127.0.0.1', 0))
         closed_port = s.getsockname()[1]
     unreachable = f'http://127.0.0.1:{closed_port}/model_base.pth'
     with pytest.raises(FileNotFoundError, match='cannot be reached'):
-        engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
+        preflight.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
     # already downloaded: no request at all
-    from models.blip import cached_checkpoint_path
+    from engine.fileio import cached_checkpoint_path
     (tmp_path / 'cache').mkdir()
     open(cached_checkpoint_path(unreachable), 'wb').close()
-    engine.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
+    preflight.check_paths({'pretrained': unreachable}, 'c.yaml', files=['pretrained'])
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -307,17 +307,17 @@ def file_digest(path):
 def test_nan_loss_stops_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     config_path = write_toy_config(tmp_path / 'toy.yaml', nan_at=[1, 2])
     out = tmp_path / 'out'
-    last = out / engine.LAST_CHECKPOINT
+    last = out / checkpoints.LAST_CHECKPOINT
     digests = []
-    real_save = utils.save_checkpoint
+    real_save = save_checkpoint
 
     def recording_save(obj, path, **kwargs):
         real_save(obj, path, **kwargs)
-        if os.path.basename(path) == engine.LAST_CHECKPOINT:
+        if os.path.basename(path) == checkpoints.LAST_CHECKPOINT:
             digests.append(file_digest(last))
-    monkeypatch.setattr(utils, 'save_checkpoint', recording_save)
+    monkeypatch.setattr(checkpoints, 'save_checkpoint', recording_save)
 
-    with pytest.raises(engine.NonFiniteLossError, match=r'loss_mse is nan at epoch 1, iteration 2'):
+    with pytest.raises(loop.NonFiniteLossError, match=r'loss_mse is nan at epoch 1, iteration 2'):
         toy.run(toy_argv(config_path, out))
     assert len(digests) == 1 and file_digest(last) == digests[0]
     checkpoint = torch.load(last, weights_only=True)
@@ -325,7 +325,7 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in checkpoint['model'].values() if v.is_floating_point())
     assert len((out / 'log.txt').read_text().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ['checkpoint_best.pth', 'checkpoint_last.pth',
-                                                     engine.EVALUATED, 'config.yaml', 'log.txt']
+                                                     checkpoints.EVALUATED, 'config.yaml', 'log.txt']
 
 
 def rng_draws():
@@ -337,13 +337,13 @@ def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
     model = toy.ToyModel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loader = DataLoader(toy.make_data(32), batch_size=8, shuffle=True)
-    config = {**engine.ENGINE_DEFAULTS, 'max_epoch': 2}
-    state = engine.TrainState()
-    engine.train_one_epoch(model, loader, optimizer, 0, CPU, config, toy.make_loss_fn(
+    config = {**ENGINE_DEFAULTS, 'max_epoch': 2}
+    state = checkpoints.TrainState()
+    loop.train_one_epoch(model, loader, optimizer, 0, CPU, config, toy.make_loss_fn(
         {'pause_at': None, 'nan_at': None}, tmp_path), state=state)
     state.best, state.best_epoch = 0.5, 0
     state.extra['test_result'] = {'r_mean': 12.5}
-    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, state)
+    checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, state)
     expected_draws = rng_draws()
 
     torch.manual_seed(123)
@@ -352,9 +352,9 @@ def test_resume_restores_model_optimizer_epoch_and_rng(tmp_path):
     fresh = toy.ToyModel()
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     args = Namespace(resume='', evaluate=False, no_auto_resume=False, output_dir=str(tmp_path))
-    restored = engine.resume(args, fresh, fresh_optimizer)
+    restored = checkpoints.resume(args, fresh, fresh_optimizer)
 
-    assert restored == engine.TrainState(start_epoch=1, global_step=4, best=0.5, best_epoch=0,
+    assert restored == checkpoints.TrainState(start_epoch=1, global_step=4, best=0.5, best_epoch=0,
                                          extra={'test_result': {'r_mean': 12.5}})
     for key, value in model.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
@@ -374,43 +374,43 @@ def test_resume_from_the_original_checkpoint_format(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 8)).sum().backward()
     optimizer.step()
-    engine.save_model(str(tmp_path / 'checkpoint_03.pth'), model, optimizer, {'init_lr': 1e-2}, 3)
+    checkpoints.save_model(str(tmp_path / 'checkpoint_03.pth'), model, optimizer, {'init_lr': 1e-2}, 3)
     fresh = toy.ToyModel()
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     args = Namespace(resume=str(tmp_path / 'checkpoint_03.pth'), evaluate=False, no_auto_resume=False,
                      output_dir=str(tmp_path))
-    state = engine.resume(args, fresh, fresh_optimizer)
-    assert state == engine.TrainState(start_epoch=4)
+    state = checkpoints.resume(args, fresh, fresh_optimizer)
+    assert state == checkpoints.TrainState(start_epoch=4)
     for key, value in model.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
     assert fresh_optimizer.state_dict()['state'][0]['step'] == 1
 
     torch.save(model.state_dict(), tmp_path / 'bare.pth')
     with pytest.raises(ValueError, match='not a training checkpoint.*pretrained='):
-        engine.resume(Namespace(**{**vars(args), 'resume': str(tmp_path / 'bare.pth')}), fresh, fresh_optimizer)
+        checkpoints.resume(Namespace(**{**vars(args), 'resume': str(tmp_path / 'bare.pth')}), fresh, fresh_optimizer)
 
 
 def test_a_truncated_or_unsafe_resume_checkpoint_gets_a_clear_error(tmp_path, monkeypatch):
     model = toy.ToyModel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, dict(engine.ENGINE_DEFAULTS), 0,
-                                engine.TrainState())
-    last = tmp_path / engine.LAST_CHECKPOINT
+    checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, dict(ENGINE_DEFAULTS), 0,
+                                checkpoints.TrainState())
+    last = tmp_path / checkpoints.LAST_CHECKPOINT
     last.write_bytes(last.read_bytes()[:-200])  # killed while copying the output folder
     args = Namespace(resume='', evaluate=False, no_auto_resume=False, output_dir=str(tmp_path))
-    with pytest.raises(utils.CheckpointError) as error:
-        engine.resume(args, toy.ToyModel(), optimizer)
+    with pytest.raises(CheckpointError) as error:
+        checkpoints.resume(args, toy.ToyModel(), optimizer)
     message = str(error.value)
     assert str(last) in message and 'truncated or corrupt' in message and '--no_auto_resume' in message
-    with pytest.raises(utils.CheckpointError, match='truncated or corrupt') as error:
-        engine.resume(Namespace(**{**vars(args), 'resume': str(last)}), toy.ToyModel(), optimizer)
+    with pytest.raises(CheckpointError, match='truncated or corrupt') as error:
+        checkpoints.resume(Namespace(**{**vars(args), 'resume': str(last)}), toy.ToyModel(), optimizer)
     assert '--no_auto_resume' not in str(error.value)  # asked for by name: nothing to fall back on
 
     unsafe = tmp_path / 'unsafe.pth'
     torch.save({'model': model.state_dict(), 'args': Namespace(lr=1)}, unsafe)
     monkeypatch.delenv('BLIP_UNSAFE_LOAD', raising=False)
-    with pytest.raises(utils.CheckpointError, match='BLIP_UNSAFE_LOAD=1'):
-        engine.resume(Namespace(**{**vars(args), 'resume': str(unsafe)}), toy.ToyModel(), optimizer)
+    with pytest.raises(CheckpointError, match='BLIP_UNSAFE_LOAD=1'):
+        checkpoints.resume(Namespace(**{**vars(args), 'resume': str(unsafe)}), toy.ToyModel(), optimizer)
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
@@ -419,7 +419,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     out = tmp_path / 'damaged'
     with pytest.raises(KeyboardInterrupt):
         toy.run(toy_argv(config_path, out, 'stop_after=1'))
-    last, previous = out / engine.LAST_CHECKPOINT, out / engine.PREVIOUS_CHECKPOINT
+    last, previous = out / checkpoints.LAST_CHECKPOINT, out / checkpoints.PREVIOUS_CHECKPOINT
     assert torch.load(previous, weights_only=True)['epoch'] == 0 and torch.load(last, weights_only=True)['epoch'] == 1
     damaged = last.read_bytes()[:-300]  # e.g. a disk error, or a half-finished copy of the folder
     last.write_bytes(damaged)
@@ -437,27 +437,27 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     # with both damaged, the error says how to start afresh; keep_previous_last=false keeps one file
     previous.write_bytes(b'')
     last.write_bytes(damaged)
-    with pytest.raises(utils.CheckpointError, match='--no_auto_resume'):
+    with pytest.raises(CheckpointError, match='--no_auto_resume'):
         toy.run(toy_argv(config_path, out))
     single = tmp_path / 'single'
     toy.run(toy_argv(config_path, single, 'keep_previous_last=false'))
-    assert not (single / engine.PREVIOUS_CHECKPOINT).exists() and (single / engine.LAST_CHECKPOINT).exists()
+    assert not (single / checkpoints.PREVIOUS_CHECKPOINT).exists() and (single / checkpoints.LAST_CHECKPOINT).exists()
 
 
 def test_no_resume_when_evaluating_or_disabled(tmp_path):
-    (tmp_path / engine.LAST_CHECKPOINT).write_bytes(b'')
+    (tmp_path / checkpoints.LAST_CHECKPOINT).write_bytes(b'')
     base = dict(resume='', output_dir=str(tmp_path))
-    assert engine.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=False))
-    assert not engine.find_resume_checkpoint(Namespace(**base, evaluate=True, no_auto_resume=False))
-    assert not engine.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=True))
+    assert checkpoints.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=False))
+    assert not checkpoints.find_resume_checkpoint(Namespace(**base, evaluate=True, no_auto_resume=False))
+    assert not checkpoints.find_resume_checkpoint(Namespace(**base, evaluate=False, no_auto_resume=True))
 
 
 def test_last_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     model = toy.ToyModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = dict(engine.ENGINE_DEFAULTS)
-    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, engine.TrainState())
-    last = tmp_path / engine.LAST_CHECKPOINT
+    config = dict(ENGINE_DEFAULTS)
+    checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, checkpoints.TrainState())
+    last = tmp_path / checkpoints.LAST_CHECKPOINT
     before = file_digest(last)
 
     def crashing_save(obj, f, *args, **kwargs):  # dies half-way through writing
@@ -469,12 +469,12 @@ def test_last_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         raise OSError('No space left on device')
     monkeypatch.setattr(torch, 'save', crashing_save)
     with pytest.raises(OSError, match='No space left'):
-        engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+        checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, checkpoints.TrainState())
     monkeypatch.undo()
 
     assert file_digest(last) == before
     assert torch.load(last, weights_only=True)['epoch'] == 0
-    assert [p.name for p in tmp_path.iterdir()] == [engine.LAST_CHECKPOINT]
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoints.LAST_CHECKPOINT]
 
 
 def test_sigkill_mid_epoch_then_resume_continues(tmp_path):
@@ -500,13 +500,13 @@ def test_sigkill_mid_epoch_then_resume_continues(tmp_path):
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)['epoch'] == 0
+    assert torch.load(out / checkpoints.LAST_CHECKPOINT, weights_only=True)['epoch'] == 0
 
     # ... and restarted: it resumes from the end of epoch 0 and finishes as the reference did
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'continuing at epoch 1' in result.stdout
-    final = torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)
+    final = torch.load(out / checkpoints.LAST_CHECKPOINT, weights_only=True)
     assert final['epoch'] == 2 and final['global_step'] == 3 * 6
     for key, value in reference.state_dict().items():
         assert torch.equal(value, final['model'][key]), key
@@ -518,22 +518,22 @@ def test_prepare_synthetic_data_generates_once(tmp_path, monkeypatch):
     import data.synthetic
     root = tmp_path / 'shapes'
     config = {'synthetic': {'root': str(root), 'seed': 0, 'num_images': 8, 'num_videos': 1}}
-    engine.prepare_synthetic_data(config)
+    preflight.prepare_synthetic_data(config)
     assert (root / 'synthetic.json').is_file()
     assert (root / 'annotation' / 'coco_karpathy_train.json').is_file()
 
     def fail(*args, **kwargs):
         raise AssertionError('generated twice')
     monkeypatch.setattr(data.synthetic, 'make_synthetic', fail)
-    engine.prepare_synthetic_data(config)          # already there: no second generation
-    engine.prepare_synthetic_data({'synthetic': None})  # real-data configs: nothing to do
+    preflight.prepare_synthetic_data(config)          # already there: no second generation
+    preflight.prepare_synthetic_data({'synthetic': None})  # real-data configs: nothing to do
 
     # a dataset from another version of data/synthetic.py is written again
     marker = json.loads((root / 'synthetic.json').read_text())
     (root / 'synthetic.json').write_text(json.dumps({**marker, 'version': marker['version'] - 1}))
     written = []
     monkeypatch.setattr(data.synthetic, 'make_synthetic', lambda root, **spec: written.append(spec))
-    engine.prepare_synthetic_data(config)
+    preflight.prepare_synthetic_data(config)
     assert written == [{'seed': 0, 'num_images': 8, 'num_videos': 1}]
     assert not (root / 'synthetic.json').exists()  # removed first: a crash cannot leave it "finished"
 
@@ -547,10 +547,9 @@ def test_ddp_starts_every_rank_with_rank_0s_parameters_and_buffers(tmp_path):
 
 
 def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path, capsys):
-    import engine
     for name in ('.checkpoint_last.pth.k3j2.tmp', '.config.yaml.x1.tmp', 'checkpoint_last.pth', 'notes.tmp', '.keep'):
         (tmp_path / name).write_text('x')
-    engine.remove_stale_temporaries(str(tmp_path))
+    fileio.remove_stale_temporaries(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.keep', 'checkpoint_last.pth', 'notes.tmp']
     assert '.checkpoint_last.pth.k3j2.tmp' in capsys.readouterr().out
 
@@ -573,9 +572,9 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, capsys):
 def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
     model = toy.ToyModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = dict(engine.ENGINE_DEFAULTS)
-    engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, engine.TrainState())
-    last = tmp_path / engine.LAST_CHECKPOINT
+    config = dict(ENGINE_DEFAULTS)
+    checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 0, checkpoints.TrainState())
+    last = tmp_path / checkpoints.LAST_CHECKPOINT
     before = file_digest(last)
     real_save = torch.save
     failures = [OSError(28, 'No space left on device'),  # ENOSPC from a plain write
@@ -586,18 +585,18 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_one(tmp_
             raise failure
         monkeypatch.setattr(torch, 'save', full_disk)
         if isinstance(failure, RuntimeError):  # torch's message does not say why: the free space does
-            monkeypatch.setattr(utils.shutil, 'disk_usage', lambda folder: Namespace(total=10, used=10, free=0))
-        with pytest.raises(utils.WriteError) as error:
-            engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+            monkeypatch.setattr(fileio.shutil, 'disk_usage', lambda folder: Namespace(total=10, used=10, free=0))
+        with pytest.raises(WriteError) as error:
+            checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, checkpoints.TrainState())
         assert str(error.value).startswith(f'could not write {last}: no space left on the device')
         assert str(error.value).endswith('the previous file is unchanged')
         monkeypatch.setattr(torch, 'save', real_save)
-        assert file_digest(last) == before and [p.name for p in tmp_path.iterdir()] == [engine.LAST_CHECKPOINT]
+        assert file_digest(last) == before and [p.name for p in tmp_path.iterdir()] == [checkpoints.LAST_CHECKPOINT]
     # other failures keep their own message, still naming the file
     monkeypatch.undo()
     monkeypatch.setattr(torch, 'save', lambda obj, f: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
-    with pytest.raises(utils.WriteError, match=f'could not write {last}: .*Permission denied'):
-        engine.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, engine.TrainState())
+    with pytest.raises(WriteError, match=f'could not write {last}: .*Permission denied'):
+        checkpoints.save_last_checkpoint(str(tmp_path), model, optimizer, None, config, 1, checkpoints.TrainState())
 
 
 def test_each_epoch_says_where_the_run_is_and_how_long_the_rest_takes(tmp_path, capsys):
@@ -615,7 +614,7 @@ def test_a_failing_evaluation_never_costs_the_epoch(tmp_path, capsys):
     out = tmp_path / 'failed'
     with pytest.raises(RuntimeError, match='evaluation of epoch 1 failed'):
         toy.run(toy_argv(config_path, out, 'fail_eval_at=1'))
-    saved = torch.load(out / engine.LAST_CHECKPOINT, weights_only=True)
+    saved = torch.load(out / checkpoints.LAST_CHECKPOINT, weights_only=True)
     assert saved['epoch'] == 1 and saved['evaluated'] is False and 'loss_mse' in saved['train_stats']
     capsys.readouterr()
     resumed = toy.run(toy_argv(config_path, out))
@@ -623,7 +622,7 @@ def test_a_failing_evaluation_never_costs_the_epoch(tmp_path, capsys):
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert (out / 'log.txt').read_text() == (tmp_path / 'reference' / 'log.txt').read_text()
-    assert file_digest(out / engine.BEST_CHECKPOINT) == file_digest(tmp_path / 'reference' / engine.BEST_CHECKPOINT)
+    assert file_digest(out / checkpoints.BEST_CHECKPOINT) == file_digest(tmp_path / 'reference' / checkpoints.BEST_CHECKPOINT)
 
 
 def test_a_finished_epoch_is_not_evaluated_again_on_resume(tmp_path, capsys):
@@ -632,7 +631,7 @@ def test_a_finished_epoch_is_not_evaluated_again_on_resume(tmp_path, capsys):
     out = tmp_path / 'continued'
     with pytest.raises(KeyboardInterrupt):
         toy.run(toy_argv(config_path, out, 'stop_after=1'))  # stopped after epoch 1, evaluation included
-    assert torch.load(out / engine.EVALUATED, weights_only=True)['epoch'] == 1
+    assert torch.load(out / checkpoints.EVALUATED, weights_only=True)['epoch'] == 1
     capsys.readouterr()
     continued = toy.run(toy_argv(config_path, out))
     printed = capsys.readouterr().out
@@ -647,7 +646,7 @@ def test_a_finished_epoch_is_not_evaluated_again_on_resume(tmp_path, capsys):
         toy.run(toy_argv(config_path, again, 'stop_after=1'))
     with pytest.raises(RuntimeError, match='evaluation of epoch 2 failed'):
         toy.run(toy_argv(config_path, again, 'fail_eval_at=2'))
-    assert torch.load(again / engine.EVALUATED, weights_only=True)['epoch'] == 1
+    assert torch.load(again / checkpoints.EVALUATED, weights_only=True)['epoch'] == 1
     capsys.readouterr()
     toy.run(toy_argv(config_path, again))
     assert 'evaluating epoch 2 (its evaluation had not finished)' in capsys.readouterr().out

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import PARITY, REPO
-from script_runner import one_thread, read_json_lines, run_script
-
 import eval_retrieval_video
+from conftest import PARITY, REPO
+from engine import cli
+from engine.config import load_config
 from models.blip_retrieval import blip_retrieval
+from script_runner import one_thread, read_json_lines, run_script
 
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'retrieval_msrvtt.yaml'
 TINY_VIT = {'width': 32, 'depth': 2, 'heads': 2, 'patch_size': 16}
@@ -139,8 +140,7 @@ def test_itm_eval_on_hand_made_scores():
 @pytest.fixture(scope='module')
 def toy_checkpoint(tmp_path_factory):
     """A model of the toy config's shape with fixed random weights (every rank loads the same)."""
-    import utils
-    config = utils.load_config(TOY_CONFIG)
+    config = load_config(TOY_CONFIG)
     torch.manual_seed(0)
     model = blip_retrieval(image_size=config['image_size'], vit=config['vit'], med_config=config['med_config'],
                            embed_dim=config['embed_dim'], queue_size=config['queue_size'])
@@ -180,8 +180,7 @@ def test_script_bad_input_fails_before_evaluation(tmp_path, capsys):
 
 
 def test_official_config_passes_the_key_checks():
-    import engine
-    args, config = engine.parse_args_and_config(
+    args, config = cli.parse_args_and_config(
         't', str(REPO / 'configs' / 'retrieval_msrvtt.yaml'), 'out', defaults=eval_retrieval_video.TASK_DEFAULTS,
         required=eval_retrieval_video.REQUIRED_KEYS, known=(), argv=[])
     assert config['num_frm_test'] == 8 and config['k_test'] == 128 and config['frm_sampling_strategy'] == 'uniform'

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from data_fixtures import data_config, synthetic  # noqa: F401 (fixture)
-
 import data
-import engine
-import utils
+from conftest import REPO
 from data.utils import DataError
+from data_fixtures import data_config, synthetic  # noqa: F401 (fixture)
+from engine.config import ENGINE_DEFAULTS, VALUE_RULES, ConfigError, check_config, load_config, save_config
 
 # file -> (the datasets that read it, the fields each entry must have, read by the loader)
 FILES = {
@@ -166,8 +164,8 @@ TOY_CONFIGS = ['retrieval_coco', 'caption_coco', 'vqa', 'nlvr', 'pretrain']
 def test_broken_configs_fail_naming_the_file(tmp_path, name):
     rng = random.Random(f'fuzz config {name}')
     source = REPO / 'configs' / 'shapes' / f'{name}.yaml'
-    original = utils.load_config(str(source))
-    numeric = [key for key in original if key in engine.VALUE_RULES]
+    original = load_config(str(source))
+    numeric = [key for key in original if key in VALUE_RULES]
     assert numeric
     for case in range(15):
         path = tmp_path / f'{name}_{case}.yaml'
@@ -180,9 +178,9 @@ def test_broken_configs_fail_naming_the_file(tmp_path, name):
             key = rng.choice(numeric)
             value = rng.choice(['abc', -1, -0.5, [], {'a': 1}, True, None, '1e-4x'])
             config = dict(original, **{key: value})
-            utils.save_config(config, str(tmp_path / 'saved'))
+            save_config(config, str(tmp_path / 'saved'))
             path.write_text((tmp_path / 'saved' / 'config.yaml').read_text())
-            integer, lowest, allowed, highest = engine.VALUE_RULES[key]
+            integer, lowest, allowed, highest = VALUE_RULES[key]
             must_fail = not (isinstance(value, (int, float)) and not isinstance(value, bool)
                              and (value > lowest or (allowed and value == lowest)))
         elif kind == 'not_a_mapping':
@@ -192,9 +190,9 @@ def test_broken_configs_fail_naming_the_file(tmp_path, name):
             path.write_text(rng.choice(['a: [1, 2\n', 'key: "unclosed\n', 'a:\n\t- tab\n', ': :\n']))
             must_fail = True
         try:
-            config = utils.load_config(str(path), defaults=engine.ENGINE_DEFAULTS)
-            engine.check_config(config, str(path))
-        except utils.ConfigError as error:
+            config = load_config(str(path), defaults=ENGINE_DEFAULTS)
+            check_config(config, str(path))
+        except ConfigError as error:
             assert str(path) in str(error), f'{kind}: the error does not name the file: {error}'
         except Exception as error:  # noqa: BLE001
             pytest.fail(f'{name} case {case} ({kind}): {type(error).__name__}: {error}')

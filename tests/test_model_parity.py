@@ -7,7 +7,6 @@ from model_builders import assert_close, build_model, load_fixture, zero_dropout
 from models.blip import BLIP_Base, BLIP_Decoder
 from models.vit import VisionTransformer, interpolate_pos_embed
 
-
 # ----------------------------------------------------------------------------- feature extractor
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from PIL import Image
 import predict
 from conftest import REPO
 from data.user_inputs import read_image
+from engine.config import load_config
 from models import zoo
 from models.blip import BLIP_Decoder
 from models.blip_retrieval import BLIP_Retrieval
 from models.blip_vqa import BLIP_VQA
-from utils import load_config
 
 CONFIGS = {'caption': 'configs/shapes/caption_coco.yaml', 'vqa': 'configs/shapes/vqa.yaml',
            'itm': 'configs/shapes/retrieval_coco.yaml'}

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from conftest import REPO
-from script_runner import one_thread, read_json_lines, run_script, script_config
-
 import pretrain
 import utils
+from conftest import REPO
+from engine.config import load_config
+from script_runner import one_thread, read_json_lines, run_script, script_config
 
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'pretrain.yaml'
 LOSSES = ['loss_ita', 'loss_itm', 'loss_lm']
 ITC_DROP = 0.3
-EPOCHS = utils.load_config(TOY_CONFIG)['max_epoch']  # of the toy run the tests read
+EPOCHS = load_config(TOY_CONFIG)['max_epoch']  # of the toy run the tests read
 
 
 def toy_argv(output_dir, *overrides):
@@ -70,7 +70,7 @@ def test_toy_run_learns_and_writes_the_original_checkpoints(toy_run):
     assert float(lines[-1]['train_loss_lm']) < 0.8 * float(lines[0]['train_loss_lm'])
     # ITC leaves its collapsed value, ln(number of candidates: the batch and the queue): the
     # image and text features have become distinct enough to pick out their pairs
-    config = utils.load_config(TOY_CONFIG)
+    config = load_config(TOY_CONFIG)
     collapsed = math.log(config['batch_size'] + config['queue_size'])
     itc = [float(line['train_loss_ita']) for line in lines]
     assert itc[-1] < collapsed - ITC_DROP and itc[-1] < itc[0] - ITC_DROP, (collapsed, itc)
@@ -84,7 +84,7 @@ def test_toy_run_learns_and_writes_the_original_checkpoints(toy_run):
 
 def test_lr_warms_up_in_the_first_epoch_then_decays_per_epoch(toy_run):
     out, calls = toy_run
-    config = utils.load_config(TOY_CONFIG)
+    config = load_config(TOY_CONFIG)
     init_lr, min_lr, rate = config['init_lr'], config['min_lr'], config['lr_decay_rate']
     # the step schedule once per epoch, before training
     assert calls['step'] == [(epoch, pytest.approx(max(min_lr, init_lr * rate ** epoch))) for epoch in range(EPOCHS)]
@@ -103,7 +103,7 @@ def test_two_processes_resume_an_epoch_checkpoint(toy_run, tmp_path):
     negatives; the epoch reads the next LAION shard."""
     toy, _ = toy_run
     out = tmp_path / 'ddp'
-    config = utils.load_config(TOY_CONFIG)
+    config = load_config(TOY_CONFIG)
     result = run_script('pretrain.py', *toy_argv(out, '--checkpoint', toy / 'checkpoint_00.pth',
                                                  'max_epoch=2'), nproc=2)
     assert 'distributed init (rank 0, world 2, backend gloo)' in result.stdout

@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import REPO
-from model_builders import build_model
-
 import ranking
 import train_retrieval
+from conftest import REPO
+from model_builders import build_model
 
 CPU = torch.device('cpu')
 COLOURS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange']
@@ -215,12 +214,12 @@ def test_image_tokens_in_a_memory_mapped_file(model, loader, tmp_path):
 
 
 def test_eval_mode_chooses_by_gallery_size():
-    assert not train_retrieval.use_topk({'eval_mode': 'auto'}, 5000, 25000)  # COCO 5k stays dense
-    assert train_retrieval.use_topk({'eval_mode': 'auto'}, 100_000, 500_000)
-    assert train_retrieval.use_topk({'eval_mode': 'topk'}, 2, 2)
-    assert not train_retrieval.use_topk({'eval_mode': 'dense'}, 100_000, 500_000)
+    assert not ranking.use_topk({'eval_mode': 'auto'}, 5000, 25000)  # COCO 5k stays dense
+    assert ranking.use_topk({'eval_mode': 'auto'}, 100_000, 500_000)
+    assert ranking.use_topk({'eval_mode': 'topk'}, 2, 2)
+    assert not ranking.use_topk({'eval_mode': 'dense'}, 100_000, 500_000)
     with pytest.raises(ValueError, match="eval_mode.*'sparse'"):
-        train_retrieval.use_topk({'eval_mode': 'sparse'}, 2, 2)
+        ranking.use_topk({'eval_mode': 'sparse'}, 2, 2)
 
 
 MEMORY_CHECK = r'''

@@ -14,10 +14,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
-
 import reproduce
-import utils
+from conftest import REPO
+from engine.config import ConfigError, load_config
 
 SUITE = {
     'mini': {
@@ -148,17 +147,17 @@ def test_the_expected_files_suites_are_well_formed_and_mistakes_named(tmp_path):
         models, rows = reproduce.load_suite(reproduce.EXPECTED, suite)
         for row in rows:
             assert (REPO / row['script']).is_file() and (REPO / row['config']).is_file()
-            utils.load_config(str(REPO / row['config']))
+            load_config(str(REPO / row['config']))
     bad = json.loads(json.dumps(SUITE))
     del bad['mini']['rows'][1]['metrics'][0]['tolerance']
     (tmp_path / 'bad.yaml').write_text(json.dumps(bad))
-    with pytest.raises(utils.ConfigError, match="row 'toy_flickr' metric 'test_txt_r1': give a tolerance"):
+    with pytest.raises(ConfigError, match="row 'toy_flickr' metric 'test_txt_r1': give a tolerance"):
         reproduce.load_suite(str(tmp_path / 'bad.yaml'), 'mini')
     bad['mini']['models']['retrieval'] = {'zoo': 'no_such_model'}
     (tmp_path / 'bad.yaml').write_text(json.dumps(bad))
-    with pytest.raises(utils.ConfigError, match="model 'retrieval' needs zoo: NAME"):
+    with pytest.raises(ConfigError, match="model 'retrieval' needs zoo: NAME"):
         reproduce.load_suite(str(tmp_path / 'bad.yaml'), 'mini')
-    with pytest.raises(utils.ConfigError, match="no suite 'nope'"):
+    with pytest.raises(ConfigError, match="no suite 'nope'"):
         reproduce.load_suite(reproduce.EXPECTED, 'nope')
     with pytest.raises(SystemExit):
         reproduce.main(['--dry_run', '--tasks', 'retrieval_cocoo'])
@@ -168,8 +167,14 @@ def test_the_toy_suite_end_to_end_on_the_toy_runs_of_the_other_tests(retrieval_t
                                                                       vqa_toy_run, tmp_path):
     # the toy suite's models are the toy runs the learning tests train, with the same recipes:
     # they are put where reproduce.py would have trained them, so only the evaluations run here
-    from conftest import (CAPTION_TOY_EPOCHS, CAPTION_TOY_CONFIG, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_OVERRIDES,
-                          VQA_TOY_CONFIG, VQA_TOY_EPOCHS)
+    from conftest import (
+        CAPTION_TOY_CONFIG,
+        CAPTION_TOY_EPOCHS,
+        RETRIEVAL_TOY_CONFIG,
+        RETRIEVAL_TOY_OVERRIDES,
+        VQA_TOY_CONFIG,
+        VQA_TOY_EPOCHS,
+    )
     models, rows = reproduce.load_suite(reproduce.EXPECTED, 'toy')
     runs = {'retrieval': (retrieval_toy_run, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_OVERRIDES),
             'caption': (caption_toy_run[0], CAPTION_TOY_CONFIG, [f'max_epoch={CAPTION_TOY_EPOCHS}', 'min_lr=1e-3']),

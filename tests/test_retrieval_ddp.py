@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from engine.config import load_config
 from script_runner import read_json_lines, run_script
 
 CONFIG = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
@@ -58,9 +59,8 @@ def num_train_pairs(toy_data):
 @pytest.fixture(scope='module')
 def fixed_checkpoint(tmp_path_factory):
     """A model with spread-out weights (random init, larger scale), so scores have few ties."""
-    import utils
     from models.blip_retrieval import blip_retrieval
-    config = utils.load_config(str(CONFIG), defaults={'med_config': '', 'embed_dim': 256,
+    config = load_config(str(CONFIG), defaults={'med_config': '', 'embed_dim': 256,
                                                       'momentum': 0.995, 'num_workers': 0})
     torch.manual_seed(0)
     model = blip_retrieval(image_size=config['image_size'], vit=config['vit'],

@@ -11,11 +11,10 @@ import json
 
 import pytest
 
-from conftest import REPO, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_EPOCHS
-from script_runner import one_thread
-
 import demo
 import train_retrieval
+from conftest import REPO, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_EPOCHS
+from script_runner import one_thread
 
 CONFIG = str(REPO / RETRIEVAL_TOY_CONFIG)
 FLICKR_CONFIG = str(REPO / 'configs' / 'shapes' / 'retrieval_flickr.yaml')

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from conftest import CAPTION_TOY_EPOCHS, REPO
-from script_runner import read_json_lines, run_script, script_config, toy_setup
-
 import eval_nocaps
 import train_caption
+from captioning import generate_captions
+from conftest import CAPTION_TOY_EPOCHS, REPO
+from script_runner import read_json_lines, run_script, script_config, toy_setup
 
 CONFIG = 'configs/shapes/caption_coco.yaml'
 NOCAPS_CONFIG = 'configs/shapes/nocaps.yaml'
@@ -83,7 +83,7 @@ def untrained():
                                 [False, False], [None, None])
         scores = {}
         for split, loader in zip(('val', 'test'), loaders):
-            results = train_caption.evaluate(model, loader, torch.device('cpu'), config)
+            results = generate_captions(model, loader, torch.device('cpu'), config)
             gt_file = REPO / config['coco_gt_root'] / f'coco_karpathy_{split}_gt.json'
             scores.update({f'{split}_{k}': v for k, v in bleu_cider(results, gt_file).items()})
     return scores

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import REPO, VQA_TOY_EPOCHS
-from script_runner import image_blind_guesses, one_thread, read_json_lines, run_script, script_config
-
 import train_nlvr
 import utils
+from conftest import REPO, VQA_TOY_EPOCHS
+from engine.config import load_config
+from script_runner import image_blind_guesses, one_thread, read_json_lines, run_script, script_config
 
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'nlvr.yaml'
 
@@ -111,7 +111,7 @@ def image_blind_accuracy(split_file):
 
 
 def test_toy_run_learns_to_judge_the_images_and_keeps_the_best_epoch(toy_run):
-    config = utils.load_config(TOY_CONFIG)
+    config = load_config(TOY_CONFIG)
     lines = read_json_lines(toy_run / 'log.txt')
     assert [line['epoch'] for line in lines] == list(range(config['max_epoch']))
     assert list(lines[0]) == ['train_lr', 'train_loss', 'val_acc', 'test_acc', 'epoch', 'best_epoch']

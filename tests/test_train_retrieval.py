@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import PARITY, REPO
-from script_runner import script_config
-
 import train_retrieval
 import utils
+from conftest import PARITY, REPO
+from engine import training
+from engine.fileio import CheckpointError
+from script_runner import script_config
 
 FIXTURE = PARITY / 'public' / 'retrieval'
 TINY_VIT = {'width': 32, 'depth': 2, 'heads': 2, 'patch_size': 16}
@@ -202,7 +203,7 @@ def test_evaluating_a_checkpoint_of_another_task_is_refused(toy_config, tmp_path
     captioner = BLIP_Decoder(med_config=config['med_config'], image_size=32, vit=TINY_VIT)
     checkpoint = tmp_path / 'caption_best.pth'
     torch.save({'model': captioner.state_dict()}, checkpoint)
-    with pytest.raises(utils.CheckpointError) as error:
+    with pytest.raises(CheckpointError) as error:
         train_retrieval.run(['--config', str(toy_config), '--output_dir', str(tmp_path / 'eval'), '--device', 'cpu',
                              '--evaluate', f'pretrained={checkpoint}'])
     message = str(error.value)
@@ -212,14 +213,14 @@ def test_evaluating_a_checkpoint_of_another_task_is_refused(toy_config, tmp_path
 
 def test_text_grad_checkpointing_keeps_the_gradients(fixture_model, monkeypatch):
     import copy
-    import engine
+
     import models.med
 
     calls = []
     real_checkpoint = models.med.checkpoint
     monkeypatch.setattr(models.med, 'checkpoint', lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     plain, checkpointed = copy.deepcopy(fixture_model), copy.deepcopy(fixture_model)
-    assert engine.set_text_grad_checkpointing(checkpointed) == 2  # text_encoder and text_encoder_m
+    assert training.set_text_grad_checkpointing(checkpointed) == 2  # text_encoder and text_encoder_m
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     captions = ['a red circle', 'two blue squares', 'a green triangle', 'three yellow circles']
     grads = []

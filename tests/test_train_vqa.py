@@ -12,11 +12,10 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, VQA_TOY_CONFIG, VQA_TOY_EPOCHS
-from script_runner import image_blind_guesses, read_json_lines, run_script, script_config, toy_setup
-
 import train_vqa
-from train_vqa import answer_accuracy, normalize_answer, vqa_accuracy
+from conftest import REPO, VQA_TOY_CONFIG, VQA_TOY_EPOCHS
+from metrics import answer_accuracy, normalize_answer, vqa_accuracy
+from script_runner import image_blind_guesses, read_json_lines, run_script, script_config, toy_setup
 
 CONFIG = VQA_TOY_CONFIG
 EPOCHS = VQA_TOY_EPOCHS

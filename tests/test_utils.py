@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import utils
-
+from engine import fileio
+from engine.fileio import save_checkpoint
 
 # ---------------------------------------------------------------------------------------
 # Learning-rate schedules: the original formulas, on every param group
@@ -170,9 +171,9 @@ class _Unpicklable:
 
 def test_save_checkpoint_writes_and_replaces(tmp_path):
     path = tmp_path / "sub" / "checkpoint.pth"
-    utils.save_checkpoint({"epoch": 1, "w": torch.ones(2)}, path)
+    save_checkpoint({"epoch": 1, "w": torch.ones(2)}, path)
     assert torch.load(path)["epoch"] == 1
-    utils.save_checkpoint({"epoch": 2, "w": torch.zeros(2)}, path)
+    save_checkpoint({"epoch": 2, "w": torch.zeros(2)}, path)
     loaded = torch.load(path)
     assert loaded["epoch"] == 2 and torch.equal(loaded["w"], torch.zeros(2))
     assert sorted(os.listdir(path.parent)) == ["checkpoint.pth"]  # no temporary file left
@@ -180,10 +181,10 @@ def test_save_checkpoint_writes_and_replaces(tmp_path):
 
 def test_save_checkpoint_failure_keeps_old_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint({"epoch": 1}, path)
+    save_checkpoint({"epoch": 1}, path)
     before = path.read_bytes()
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        utils.save_checkpoint({"epoch": 2, "bad": _Unpicklable()}, path)
+        save_checkpoint({"epoch": 2, "bad": _Unpicklable()}, path)
     assert path.read_bytes() == before
     assert torch.load(path) == {"epoch": 1}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
@@ -191,22 +192,17 @@ def test_save_checkpoint_failure_keeps_old_file(tmp_path):
 
 def test_save_checkpoint_failure_in_rename_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint({"epoch": 1}, path)
+    save_checkpoint({"epoch": 1}, path)
 
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(utils.os, "replace", failing_replace)
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint({"epoch": 2}, path)
+        save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path) == {"epoch": 1}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
-
-
-def test_save_on_master_writes_in_single_process(tmp_path):
-    utils.save_on_master({"a": 1}, tmp_path / "m.pth")
-    assert torch.load(tmp_path / "m.pth") == {"a": 1}
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ ready for fine-tuning.
 
 Sizes come from the checkpoint's tensors; the attention head counts (which tensors do not show)
 from --config (a task config's `vit` and `med_config`) or the official ones (ViT-B 12, ViT-L 16,
-BERT-base 12). transformers' BLIP differs from the original in places (README: "What differs in
+BERT-base 12). transformers' BLIP differs from the original in places (docs/transformers.md: "What differs in
 transformers' BLIP"): pass [ENC] / [DEC], the prompt and the generation settings yourself.
 """
 import argparse
@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import utils  # noqa: E402
+from engine.cli import HelpFormatter  # noqa: E402
+from engine.config import ConfigError, load_config  # noqa: E402
+from engine.fileio import CheckpointError, save_checkpoint, save_safetensors  # noqa: E402
 from models.blip import init_tokenizer, read_checkpoint  # noqa: E402
 
 TASKS = {'caption': 'BlipForConditionalGeneration', 'vqa': 'BlipForQuestionAnswering',
@@ -81,7 +83,7 @@ def rename_key(key, to_hf=True):
 def _read_task_config(path):
     if path is None:
         return {}
-    config = utils.load_config(str(path))
+    config = load_config(str(path))
     return {key: config[key] for key in ('vit', 'image_size', 'med_config', 'embed_dim') if key in config}
 
 
@@ -221,9 +223,9 @@ def from_hf(hf_dir, out_path, task):
         state_dict['temp'] = torch.tensor(0.07)
     out_path = Path(out_path)
     if out_path.suffix == '.safetensors':
-        utils.save_safetensors(state_dict, out_path)
+        save_safetensors(state_dict, out_path)
     else:
-        utils.save_checkpoint({'model': state_dict}, out_path)
+        save_checkpoint({'model': state_dict}, out_path)
     vision, text = hf_model.config.vision_config, hf_model.config.text_config
     print(f'converted {hf_dir} ({TASKS[task]}) -> {out_path}; model keys for a config: '
           f"vit {{width: {vision.hidden_size}, depth: {vision.num_hidden_layers}, heads: {vision.num_attention_heads}, "
@@ -234,7 +236,7 @@ def from_hf(hf_dir, out_path, task):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=utils.HelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog='\n'.join(__doc__.splitlines()[1:5]))
     commands = parser.add_subparsers(dest='command', required=True)
     to = commands.add_parser('to-hf', help='our / the original .pth -> a transformers folder')
@@ -253,7 +255,7 @@ def main(argv=None):
             to_hf(args.checkpoint, args.out_dir, args.task, args.config)
         else:
             from_hf(args.hf_dir, args.out, args.task)
-    except (ConversionError, utils.CheckpointError, utils.ConfigError, FileNotFoundError) as error:
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     return 0
