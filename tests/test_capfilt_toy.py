@@ -13,6 +13,8 @@ from conftest import REPO
 from data.synthetic import COLOURS, corrupt_captions
 from script_runner import in_repository, one_thread
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 CONFIG = REPO / 'configs' / 'shapes' / 'capfilt.yaml'
 CORRUPTED_FRACTION = 0.3
 # The toy captioner: the caption toy config in the toy CapFilt architecture (the retrieval toy's

@@ -17,6 +17,8 @@ from models.blip_retrieval import BLIP_Retrieval
 from models.blip_vqa import BLIP_VQA
 from tools import convert_hf
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 transformers = pytest.importorskip('transformers')
 TASKS = {'caption': (BLIP_Decoder, 'caption', transformers.BlipForConditionalGeneration),
          'vqa': (BLIP_VQA, 'vqa', transformers.BlipForQuestionAnswering),

@@ -26,6 +26,8 @@ from engine.config import ConfigError, load_config
 from metrics import caption_eval
 from script_runner import one_thread, read_json_lines, script_config
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 TOY_RETRIEVAL = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
 TOY_CAPTION = REPO / 'configs' / 'shapes' / 'caption_coco.yaml'
 SHAPES = REPO / 'datasets' / 'shapes'

@@ -13,6 +13,8 @@ from conftest import REPO
 from engine.config import load_config
 from script_runner import one_thread, read_json_lines, run_script, script_config
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'pretrain.yaml'
 LOSSES = ['loss_ita', 'loss_itm', 'loss_lm']
 ITC_DROP = 0.3

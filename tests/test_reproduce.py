@@ -18,6 +18,8 @@ import reproduce
 from conftest import REPO
 from engine.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 SUITE = {
     'mini': {
         'models': {'retrieval': {'train': {'script': 'train_retrieval.py',

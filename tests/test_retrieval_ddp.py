@@ -27,6 +27,8 @@ from conftest import REPO
 from engine.config import load_config
 from script_runner import read_json_lines, run_script
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 CONFIG = REPO / 'configs' / 'shapes' / 'retrieval_coco.yaml'
 BATCH = 8           # per process
 QUEUE = 256         # larger than what one epoch enqueues, so the pointer never wraps

@@ -16,6 +16,8 @@ import train_retrieval
 from conftest import REPO, RETRIEVAL_TOY_CONFIG, RETRIEVAL_TOY_EPOCHS
 from script_runner import one_thread
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 CONFIG = str(REPO / RETRIEVAL_TOY_CONFIG)
 FLICKR_CONFIG = str(REPO / 'configs' / 'shapes' / 'retrieval_flickr.yaml')
 EPOCHS = RETRIEVAL_TOY_EPOCHS

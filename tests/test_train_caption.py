@@ -19,6 +19,8 @@ from captioning import generate_captions
 from conftest import CAPTION_TOY_EPOCHS, REPO
 from script_runner import read_json_lines, run_script, script_config, toy_setup
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 CONFIG = 'configs/shapes/caption_coco.yaml'
 NOCAPS_CONFIG = 'configs/shapes/nocaps.yaml'
 METRICS = ['Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr']

@@ -14,6 +14,8 @@ from conftest import REPO, VQA_TOY_EPOCHS
 from engine.config import load_config
 from script_runner import image_blind_guesses, one_thread, read_json_lines, run_script, script_config
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 TOY_CONFIG = REPO / 'configs' / 'shapes' / 'nlvr.yaml'
 
 

@@ -17,6 +17,8 @@ from conftest import REPO, VQA_TOY_CONFIG, VQA_TOY_EPOCHS
 from metrics import answer_accuracy, normalize_answer, vqa_accuracy
 from script_runner import image_blind_guesses, read_json_lines, run_script, script_config, toy_setup
 
+pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
+
 CONFIG = VQA_TOY_CONFIG
 EPOCHS = VQA_TOY_EPOCHS
 
