@@ -24,7 +24,7 @@ from captioning import generate_captions
 from data import check_dataset_config, create_dataset, create_loader, create_sampler
 from data.custom_dataset import CUSTOM_DEFAULTS
 from data.utils import coco_gt_file, save_result, write_json_atomic
-from engine import cli, logs, loop, preflight, training
+from engine import cli, logs, preflight, training
 from engine.config import require_keys
 from metrics import caption_eval
 from models.blip import blip_decoder
@@ -83,11 +83,8 @@ def main(args, config, device):
     model_without_ddp, state = run.model_without_ddp, run.state
 
     def train_epoch(epoch):
-        loop.set_epoch(train_loader, epoch)
-        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
-                                    partial(train_step, device=device), scaler=run.scaler, state=state,
-                                    header=f'Train Caption Epoch: [{epoch}]')
+        return run.fine_tune_epoch(epoch, train_loader, partial(train_step, device=device),
+                                   header=f'Train Caption Epoch: [{epoch}]')
 
     print('Start training')
     start_time = time.time()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from data import create_dataset, create_loader, create_sampler
-from engine import cli, logs, loop, precision, preflight, training
+from engine import cli, logs, precision, preflight, training
 from models.blip_nlvr import blip_nlvr
 
 # Keys of configs/nlvr.yaml, all read below.
@@ -122,13 +122,8 @@ def main(args, config, device):
     run = training.prepare_training(model, args, config, device)
     model_without_ddp, state = run.model_without_ddp, run.state
 
-    def train_epoch(epoch):
-        loop.set_epoch(train_loader, epoch)
-        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
-                                    partial(train_step, device=device), scaler=run.scaler, state=state,
-                                    window_size=50, stats_fmt=STATS_FMT)
-
+    train_epoch = partial(run.fine_tune_epoch, data_loader=train_loader, loss_fn=partial(train_step, device=device),
+                          window_size=50, stats_fmt=STATS_FMT)
     print('Start training')
     start_time = time.time()
     for epoch, train_stats in run.epochs(train_epoch):

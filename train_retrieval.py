@@ -18,7 +18,7 @@ import ranking
 import utils
 from data import check_dataset_config, create_dataset, create_loader, create_sampler
 from data.custom_dataset import CUSTOM_DEFAULTS
-from engine import cli, logs, loop, preflight, training
+from engine import cli, logs, preflight, training
 from metrics import itm_eval, itm_eval_topk  # noqa: F401
 from models.blip_retrieval import blip_retrieval
 
@@ -76,12 +76,8 @@ def main(args, config, device):
     eval_config = {'eval_progress_dir': os.path.join(args.output_dir, 'eval_progress'),
                    'eval_work_dir': args.output_dir, **config}
 
-    def train_epoch(epoch):
-        loop.set_epoch(train_loader, epoch)
-        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
-                                    partial(train_step, config=config, device=device), scaler=run.scaler, state=state)
-
+    train_epoch = partial(run.fine_tune_epoch, data_loader=train_loader,
+                          loss_fn=partial(train_step, config=config, device=device))
     print('Start training')
     start_time = time.time()
     for epoch, train_stats in run.epochs(train_epoch):

@@ -24,7 +24,7 @@ import torch
 import utils
 from data import create_dataset, create_loader, create_sampler, vqa_collate_fn
 from data.utils import save_result
-from engine import checkpoints, cli, logs, loop, precision, preflight, training
+from engine import checkpoints, cli, logs, precision, preflight, training
 from engine.config import ConfigError
 from metrics import vqa_accuracy
 from models.blip_vqa import blip_vqa
@@ -99,12 +99,7 @@ def main(args, config, device):
     run = training.prepare_training(model, args, config, device)
     model_without_ddp = run.model_without_ddp
 
-    def train_epoch(epoch):
-        loop.set_epoch(train_loader, epoch)
-        utils.cosine_lr_schedule(run.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-        return loop.train_one_epoch(run.model, train_loader, run.optimizer, epoch, device, config,
-                                    partial(train_step, device=device), scaler=run.scaler, state=run.state)
-
+    train_epoch = partial(run.fine_tune_epoch, data_loader=train_loader, loss_fn=partial(train_step, device=device))
     print('Start training')
     start_time = time.time()
     for epoch, train_stats in run.epochs(train_epoch, evaluates=False):  # (evaluated once, after training)

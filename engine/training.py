@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from engine import checkpoints, monitor
+from engine import checkpoints, loop, monitor
 from engine.config import save_config
 from engine.fileio import remove_stale_temporaries
 from engine.precision import make_grad_scaler
@@ -95,6 +95,16 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     state: checkpoints.TrainState
+
+    def fine_tune_epoch(self, epoch, data_loader, loss_fn, **train_kwargs):
+        """The fine-tuning scripts' epoch, as the original's: the sampler reshuffled, the learning
+        rate set by the cosine schedule (init_lr to min_lr over max_epoch), one pass of
+        loop.train_one_epoch (train_kwargs: its header, window_size, ...); returns its stats."""
+        loop.set_epoch(data_loader, epoch)
+        config = self.config
+        utils.cosine_lr_schedule(self.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
+        return loop.train_one_epoch(self.model, data_loader, self.optimizer, epoch, self.device, config, loss_fn,
+                                    scaler=self.scaler, state=self.state, **train_kwargs)
 
     def epochs(self, train_epoch, evaluates=True):
         """The epochs left to run, as (epoch, train_stats); the loop body evaluates and logs.
