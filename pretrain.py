@@ -22,7 +22,7 @@ from functools import partial
 
 import utils
 from data import create_dataset, create_loader, create_sampler
-from engine import checkpoints, cli, logs, loop, preflight, training
+from engine import checkpoints, cli, emulate, logs, loop, preflight, training
 from models.blip_pretrain import DEFAULT_VIT_CHECKPOINTS, blip_pretrain
 
 # Keys of configs/pretrain.yaml, all read below.
@@ -41,16 +41,16 @@ TASK_DEFAULTS = {
     'loss_weights': {'ita': 1.0, 'itm': 1.0, 'lm': 1.0},
 }
 LOSSES = ('ita', 'itm', 'lm')
+LOSS_NAMES = tuple(f'loss_{name}' for name in LOSSES)  # the model's losses, in its order
 MIN_SCALE = 0.2  # random-resized-crop scale of pre-training (fine-tuning uses 0.5)
 
 
-def train_step(model, batch, epoch, i, num_iters, config, device):
+def train_inputs(batch, epoch, i, num_iters, config, device):
+    """The model's forward arguments for a training batch."""
     image, caption = batch
-    image = image.to(device, non_blocking=True)
     # the distillation weight ramps up over the first two epochs
     alpha = config['alpha'] * min(1, (epoch * num_iters + i) / (2 * num_iters))
-    loss_ita, loss_itm, loss_lm = model(image, caption, alpha=alpha)
-    return {'loss_ita': loss_ita, 'loss_itm': loss_itm, 'loss_lm': loss_lm}
+    return {'image': image.to(device, non_blocking=True), 'caption': caption, 'alpha': alpha}
 
 
 def build_loader(dataset, config):
@@ -114,9 +114,8 @@ def main(args, config, device):
         if epoch == 0:
             warmup = partial(utils.warmup_lr_schedule, run.optimizer, max_step=config['warmup_steps'],
                              init_lr=config['warmup_lr'], max_lr=config['init_lr'])
-        return loop.train_one_epoch(run.model, data_loader, run.optimizer, epoch, device, config,
-                                    partial(train_step, config=config, device=device), scaler=run.scaler,
-                                    state=run.state, lr_fn=warmup, window_size=50, loss_weights=weights)
+        loss_fn = emulate.ForwardLosses(partial(train_inputs, config=config, device=device), LOSS_NAMES)
+        return run.train_one_epoch(epoch, data_loader, loss_fn, lr_fn=warmup, window_size=50, loss_weights=weights)
 
     print('Start training')
     start_time = time.time()

@@ -73,8 +73,9 @@ class EvalShare(Dataset):
 
 def eval_loader(dataset, batch_size, num_workers, seed):
     share = EvalShare(dataset, seed, utils.get_rank(), utils.get_world_size())
+    # its own generator: evaluating leaves the training streams as they were (data/create_loader)
     return DataLoader(share, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=False, generator=torch.Generator())
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import ranking
 import utils
 from data import check_dataset_config, create_dataset, create_loader, create_sampler
 from data.custom_dataset import CUSTOM_DEFAULTS
-from engine import cli, logs, preflight, training
+from engine import cli, emulate, logs, preflight, training
 from metrics import itm_eval, itm_eval_topk  # noqa: F401
 from models.blip_retrieval import blip_retrieval
 
@@ -39,14 +39,13 @@ TASK_DEFAULTS = {'med_config': 'configs/med_config.json', 'embed_dim': 256, 'mom
                  'eval_mode': 'auto', 'eval_tokens': 'auto', 'rerank_batch_size': ranking.PAIRS_PER_FORWARD}
 
 
-def train_step(model, batch, epoch, i, num_iters, config, device):
+def train_inputs(batch, epoch, i, num_iters, config, device):
+    """The model's forward arguments for a training batch."""
     image, caption, idx = batch
-    image = image.to(device, non_blocking=True)
-    idx = idx.to(device, non_blocking=True)
     # momentum distillation ramps up over the first epoch
     alpha = config['alpha'] if epoch > 0 else config['alpha'] * min(1, i / num_iters)
-    loss_ita, loss_itm = model(image, caption, alpha=alpha, idx=idx)
-    return {'loss_itm': loss_itm, 'loss_ita': loss_ita}
+    return {'image': image.to(device, non_blocking=True), 'caption': caption, 'alpha': alpha,
+            'idx': idx.to(device, non_blocking=True)}
 
 
 def main(args, config, device):
@@ -76,8 +75,9 @@ def main(args, config, device):
     eval_config = {'eval_progress_dir': os.path.join(args.output_dir, 'eval_progress'),
                    'eval_work_dir': args.output_dir, **config}
 
-    train_epoch = partial(run.fine_tune_epoch, data_loader=train_loader,
-                          loss_fn=partial(train_step, config=config, device=device))
+    loss_fn = emulate.ForwardLosses(partial(train_inputs, config=config, device=device), ('loss_ita', 'loss_itm'),
+                                    logged=('loss_itm', 'loss_ita'))  # the original's log order
+    train_epoch = partial(run.fine_tune_epoch, data_loader=train_loader, loss_fn=loss_fn)
     print('Start training')
     start_time = time.time()
     for epoch, train_stats in run.epochs(train_epoch):

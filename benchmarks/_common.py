@@ -7,19 +7,25 @@ load hits both alike. Reported: the median of the repeats and the ratio baseline
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+_MEASURED = 'benchmark::measured'
 
 
 def parse_args(description, sizes=('base', 'small'), extra=None, warmup=1):
@@ -145,3 +151,34 @@ def make_captions(count, seed=0, min_words=5, max_words=20):
     rng = random.Random(seed)
     return [' '.join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
             for _ in range(count)]
+
+
+def peak_memory(fn, prepare=None):
+    """Most bytes the CPU allocator held above its level at the start of fn(), per the profiler.
+
+    The profiler cannot see the release of memory allocated before it started, so code that
+    replaces existing tensors (the original momentum update) needs `prepare`: a call run inside
+    the profiling session first that (re)allocates those tensors where it can follow them.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if prepare is not None:
+            prepare()
+        with record_function(_MEASURED):
+            fn()
+    handle, path = tempfile.mkstemp(suffix='.json')
+    os.close(handle)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    finally:
+        os.remove(path)
+    events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    span = next(e for e in events if e.get('name') == _MEASURED and 'dur' in e)
+    begin, end = span['ts'], span['ts'] + span['dur']
+    memory = sorted((e for e in events if e.get('name') == '[memory]' and begin <= e['ts'] <= end
+                     and e['args'].get('Device Type', 0) == 0), key=lambda e: e['ts'])
+    if not memory:
+        return 0
+    start = memory[0]['args']['Total Allocated'] - memory[0]['args']['Bytes']
+    return max(0, max(e['args']['Total Allocated'] for e in memory) - start)

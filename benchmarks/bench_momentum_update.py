@@ -15,15 +15,11 @@ above its starting level during one call, read from torch.profiler(profile_memor
     .venv/bin/python benchmarks/bench_momentum_update.py [--size base|small]
 """
 import contextlib
-import json
 import math
-import os
-import tempfile
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 
-from _common import parse_args, print_header, print_markdown, report, setup, time_alternating
+from _common import parse_args, peak_memory, print_header, print_markdown, report, setup, time_alternating
 from models.blip_retrieval import blip_retrieval
 from models.med import SELF_MASK_VALUE, BertSelfAttention
 from models.momentum import momentum_update
@@ -35,7 +31,6 @@ SIZES = {
 REPEATS = {'base': 7, 'small': 3}
 MOMENTUM = 0.995
 HEADS, HEAD_DIM = 12, 64
-MEASURED = 'benchmark::measured'
 
 
 # ----------------------------------------------------------------------------- momentum update
@@ -87,37 +82,6 @@ def padding_mask(batch, length, generator):
     lengths = torch.randint(length // 3, length + 1, (batch,), generator=generator)
     keep = (torch.arange(length)[None, :] < lengths[:, None]).float()
     return ((1.0 - keep) * SELF_MASK_VALUE)[:, None, None, :]
-
-
-def peak_memory(fn, prepare=None):
-    """Most bytes the CPU allocator held above its level at the start of fn(), per the profiler.
-
-    The profiler cannot see the release of memory allocated before it started, so code that
-    replaces existing tensors (the original momentum update) needs `prepare`: a call run inside
-    the profiling session first that (re)allocates those tensors where it can follow them.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        if prepare is not None:
-            prepare()
-        with record_function(MEASURED):
-            fn()
-    handle, path = tempfile.mkstemp(suffix='.json')
-    os.close(handle)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    finally:
-        os.remove(path)
-    events = trace['traceEvents'] if isinstance(trace, dict) else trace
-    span = next(e for e in events if e.get('name') == MEASURED and 'dur' in e)
-    begin, end = span['ts'], span['ts'] + span['dur']
-    memory = sorted((e for e in events if e.get('name') == '[memory]' and begin <= e['ts'] <= end
-                     and e['args'].get('Device Type', 0) == 0), key=lambda e: e['ts'])
-    if not memory:
-        return 0
-    start = memory[0]['args']['Total Allocated'] - memory[0]['args']['Bytes']
-    return max(0, max(e['args']['Total Allocated'] for e in memory) - start)
 
 
 def fmt_mib(nbytes):

@@ -172,7 +172,11 @@ def create_sampler(datasets, shuffles, num_tasks, global_rank):
 
 def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
     """DataLoaders as the original: training loaders shuffle (when no sampler does) and
-    drop the last incomplete batch; evaluation loaders keep order and every sample."""
+    drop the last incomplete batch; evaluation loaders keep order and every sample.
+
+    Evaluation loaders draw their workers' seed from a generator of their own, not from the
+    process's stream, so evaluating between epochs leaves the training streams where they were
+    (a process playing several ranks evaluates once for all of them: engine/emulate.py)."""
     loaders = []
     for dataset, sampler, bs, n_worker, is_train, collate_fn in zip(
             datasets, samplers, batch_size, num_workers, is_trains, collate_fns):
@@ -185,6 +189,7 @@ def create_loader(datasets, samplers, batch_size, num_workers, is_trains, collat
             shuffle=(sampler is None) if is_train else False,
             collate_fn=collate_fn,
             drop_last=bool(is_train),
+            generator=None if is_train else torch.Generator(),
         ))
     return loaders
 

@@ -2,15 +2,13 @@
 everything a resumed run needs (RNG states of every rank included), and resuming from them."""
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 import utils
+from engine import rng
 from engine.fileio import CheckpointError, atomic_write, load_checkpoint_file, save_checkpoint, save_safetensors
 
 LAST_CHECKPOINT = 'checkpoint_last.pth'
@@ -38,36 +36,29 @@ def resumed_train_stats(state, epoch):
     return state.train_stats if epoch == state.start_epoch else None
 
 
-def _rng_state():
-    """This process's RNG states in plain types (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        'python': random.getstate(),
-        'numpy': (kind, keys.tolist(), pos, has_gauss, cached),
-        'torch': torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    random.setstate(state['python'])
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _gather_rng_states():
-    """Every rank's RNG states, indexed by rank (a collective under DDP)."""
-    own = _rng_state()
+def _gather_rng_states(streams=None):
+    """Every rank's RNG states, in rank order (a collective under DDP): each process adds the
+    ranks it plays (streams: engine.rng.RankStreams; None: the process's own streams)."""
+    own = streams.states() if streams is not None else [rng.capture()]
     if not utils.is_dist_avail_and_initialized():
-        return [own]
+        return own
     states = [None] * utils.get_world_size()
     dist.all_gather_object(states, own)
-    return states
+    return [state for process in states for state in process]
+
+
+def _restore_rng_states(states, streams, path):
+    """Restore this process's ranks' streams from a checkpoint's list (one per rank)."""
+    played = len(streams.ranks) if streams is not None else 1
+    if len(states) != utils.get_world_size() * played:
+        print(f'resume: {path} holds the RNG states of {len(states)} rank(s), this run has '
+              f'{utils.get_world_size() * played}: RNG states not restored (seeds from --seed)')
+        return
+    first = utils.get_rank() * played
+    if streams is None:
+        rng.restore(states[first])
+    else:
+        streams.load(states[first:first + played])
 
 
 def save_model(path, model_without_ddp, optimizer, config, epoch):
@@ -82,7 +73,7 @@ def save_model(path, model_without_ddp, optimizer, config, epoch):
 
 
 def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, config, epoch, state,
-                         train_stats=None):
+                         train_stats=None, streams=None):
     """Write checkpoint_last.pth for a finished epoch. Call on every rank (gathers RNG states).
 
     Holds model (queues are buffers, so they are in it), optimizer, scaler, epoch, global
@@ -92,7 +83,7 @@ def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, confi
     never costs the epoch): a resumed run then evaluates that epoch first (resumed_train_stats),
     unless mark_evaluated recorded that its evaluation finished.
     """
-    rng_states = _gather_rng_states()
+    rng_states = _gather_rng_states(streams)
     if utils.is_main_process():
         save_checkpoint({
             'model': model_without_ddp.state_dict(),
@@ -112,12 +103,12 @@ def save_last_checkpoint(output_dir, model_without_ddp, optimizer, scaler, confi
     utils.barrier()
 
 
-def mark_evaluated(output_dir, epoch, state):
+def mark_evaluated(output_dir, epoch, state, streams=None):
     """After the evaluation of an epoch whose checkpoint_last.pth was written before it: save what
     the evaluation changed (best metric and epoch, extra, every rank's RNG states) in a small
     file beside it, so a resumed run continues at the next epoch without evaluating again.
     Call on every rank."""
-    rng_states = _gather_rng_states()
+    rng_states = _gather_rng_states(streams)
     if utils.is_main_process():
         save_checkpoint({'epoch': epoch, 'global_step': state.global_step, 'best': state.best,
                                'best_epoch': state.best_epoch, 'extra': state.extra, 'rng_states': rng_states},
@@ -177,7 +168,7 @@ def _load_auto_resumed(path, output_dir):
         return previous, fallback
 
 
-def resume(args, model_without_ddp, optimizer=None, scaler=None):
+def resume(args, model_without_ddp, optimizer=None, scaler=None, streams=None):
     """Continue from --resume or the output folder's last checkpoint; returns a TrainState.
 
     Call after building model and optimizer, right before the epoch loop (the RNG states
@@ -214,11 +205,8 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
     if rng_states is None:
         print(f'resume: {path} holds no RNG states (an original-format checkpoint): RNG streams '
               f'continue from --seed, not from where the run stopped')
-    elif len(rng_states) == utils.get_world_size():
-        _set_rng_state(rng_states[utils.get_rank()])
     else:
-        print(f'resume: {path} was written by {len(rng_states)} process(es), this run has '
-              f'{utils.get_world_size()}: RNG states not restored (seeds from --seed)')
+        _restore_rng_states(rng_states, streams, path)
     state = TrainState(start_epoch=checkpoint['epoch'] + 1, global_step=checkpoint.get('global_step', 0),
                        best=checkpoint.get('best', 0.0), best_epoch=checkpoint.get('best_epoch', 0),
                        extra=checkpoint.get('extra') or {})
@@ -226,8 +214,7 @@ def resume(args, model_without_ddp, optimizer=None, scaler=None):
     evaluated = _evaluated_state(path, checkpoint) if pending else None
     if evaluated is not None:  # its evaluation finished too
         state.best, state.best_epoch, state.extra = evaluated['best'], evaluated['best_epoch'], evaluated['extra']
-        if len(evaluated['rng_states']) == utils.get_world_size():
-            _set_rng_state(evaluated['rng_states'][utils.get_rank()])
+        _restore_rng_states(evaluated['rng_states'], streams, os.path.join(os.path.dirname(path), EVALUATED))
     if pending and evaluated is None:
         state.start_epoch, state.train_stats = checkpoint['epoch'], checkpoint['train_stats']
         print(f'resumed from {path}: epoch {checkpoint["epoch"]} trained, {state.global_step} optimizer steps; '

@@ -15,6 +15,7 @@ from engine.fileio import atomic_write
 ENGINE_DEFAULTS = {
     'amp': 'none',            # 'bf16' | 'fp16' | 'none' (float32, as the original)
     'accum_steps': 1,         # micro-batches per optimizer step (global batch = bs * world * accum)
+    'emulate_world_size': 1,  # one process trains as this many GPUs did (engine/emulate.py)
     'clip_grad_norm': None,   # max global gradient norm; None: no clipping (the original)
     'text_grad_ckpt': False,  # activation checkpointing of the text transformer layers
     'num_workers': 4,         # data loader workers per split (the original's value)
@@ -38,7 +39,7 @@ VALUE_RULES = {
     'rerank_batch_size': (True, 1, True, None), 'num_frm_test': (True, 1, True, None),
     'num_beams': (True, 1, True, None), 'max_length': (True, 1, True, None),
     'min_length': (True, 0, True, None), 'vit_ckpt_layer': (True, 0, True, None),
-    'warmup_steps': (True, 0, True, None),
+    'warmup_steps': (True, 0, True, None), 'emulate_world_size': (True, 1, True, None),
     'init_lr': (False, 0, True, None), 'min_lr': (False, 0, True, None),
     'warmup_lr': (False, 0, True, None), 'weight_decay': (False, 0, True, None),
     'lr_decay_rate': (False, 0, False, 1), 'alpha': (False, 0, True, 1),

@@ -9,6 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
+from engine import emulate
 from engine.checkpoints import LAST_CHECKPOINT, TrainState
 from engine.precision import autocast
 
@@ -37,7 +38,7 @@ def _check_finite(loss_values, epoch, i, global_step):
 
 def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_fn, *,
                     scaler=None, state=None, lr_fn=None, header=None, print_freq=50,
-                    window_size=1, stats_fmt='{:.3f}', loss_weights=None):
+                    window_size=1, stats_fmt='{:.3f}', loss_weights=None, streams=None):
     """Train one epoch; return the averaged meters as the original's strings.
 
     loss_fn(model, batch, epoch, i, num_iters) -> dict of named scalar losses; the engine
@@ -46,6 +47,8 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
     lr_fn(step): called before each optimizer step with the step index within the epoch
         (the original's per-iteration warm-up); per-epoch schedules stay in the script.
     state: TrainState whose global_step is advanced.
+    streams: engine.rng.RankStreams; when it plays several ranks, each step is one step of
+        that many processes (engine/emulate.py) and every rank's losses are logged.
     """
     model.train()
     accum_steps = config.get('accum_steps', 1)
@@ -57,6 +60,9 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
     metric_logger = utils.MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=window_size, fmt='{value:.6f}'))
     header = header or f'Train Epoch: [{epoch}]'
+    emulated = streams is not None and streams.emulated
+    if emulated:  # each item: every emulated rank's batch
+        data_loader = emulate.RankBatches(data_loader, streams, epoch)
     num_iters = len(data_loader)
     epoch_start = time.time()
 
@@ -73,14 +79,18 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
         # gradients are all-reduced only on the micro-batch that ends an optimizer step
         sync = model.no_sync() if (is_ddp and not is_step) else contextlib.nullcontext()
         with sync:
-            with autocast(config, device):
-                losses = loss_fn(model, batch, epoch, i, num_iters)
-            loss = sum(value if loss_weights is None else loss_weights.get(name, 1.0) * value
-                       for name, value in losses.items())
-            scaler.scale(loss / group_size).backward()
+            if emulated:
+                rank_losses = emulate.forward_backward(model, batch, loss_fn, streams, (epoch, i, num_iters),
+                                                       config, device, scaler, loss_weights)
+            else:
+                with autocast(config, device):
+                    losses = loss_fn(model, batch, epoch, i, num_iters)
+                scaler.scale(emulate.total_loss(losses, loss_weights) / group_size).backward()
+                rank_losses = [losses]
 
-        loss_values = {name: value.item() for name, value in losses.items()}
-        _check_finite(loss_values, epoch, i, state.global_step)
+        rank_values = [{name: value.item() for name, value in losses.items()} for losses in rank_losses]
+        for loss_values in rank_values:
+            _check_finite(loss_values, epoch, i, state.global_step)
 
         if is_step:
             if clip is not None:
@@ -92,10 +102,11 @@ def train_one_epoch(model, data_loader, optimizer, epoch, device, config, loss_f
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
 
-        for name in loss_values:
-            if name not in metric_logger.meters:
-                metric_logger.add_meter(name, utils.SmoothedValue(window_size=window_size, fmt='{value:.4f}'))
-        metric_logger.update(**loss_values)
+        for loss_values in rank_values:  # as every process logs its own; synchronize averages them
+            for name in loss_values:
+                if name not in metric_logger.meters:
+                    metric_logger.add_meter(name, utils.SmoothedValue(window_size=window_size, fmt='{value:.4f}'))
+            metric_logger.update(**loss_values)
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
 
     # gather the stats from all processes

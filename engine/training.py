@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from engine import checkpoints, loop, monitor
+from engine import checkpoints, emulate, loop, monitor
 from engine.config import save_config
 from engine.fileio import remove_stale_temporaries
 from engine.precision import make_grad_scaler
@@ -26,6 +26,7 @@ def setup(args, config):
     if str(args.device).startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f'--device {args.device}: CUDA is not available here; use --device cpu')
     store = utils.init_distributed_mode(args)
+    emulate.check_config(config, args.config, utils.get_world_size())
     if store is not None:
         monitor.start_rank_monitor(store, args.rank, args.world_size, args.dist_timeout * 60)
     device = torch.device(args.device)
@@ -95,6 +96,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     state: checkpoints.TrainState
+    streams: object = None  # engine.rng.RankStreams of the ranks this process plays
+
+    def train_one_epoch(self, epoch, data_loader, loss_fn, **train_kwargs):
+        """loop.train_one_epoch with this run's model, optimizer, scaler, state and streams."""
+        return loop.train_one_epoch(self.model, data_loader, self.optimizer, epoch, self.device, self.config, loss_fn,
+                                    scaler=self.scaler, state=self.state, streams=self.streams, **train_kwargs)
 
     def fine_tune_epoch(self, epoch, data_loader, loss_fn, **train_kwargs):
         """The fine-tuning scripts' epoch, as the original's: the sampler reshuffled, the learning
@@ -103,8 +110,7 @@ class Run:
         loop.set_epoch(data_loader, epoch)
         config = self.config
         utils.cosine_lr_schedule(self.optimizer, epoch, config['max_epoch'], config['init_lr'], config['min_lr'])
-        return loop.train_one_epoch(self.model, data_loader, self.optimizer, epoch, self.device, config, loss_fn,
-                                    scaler=self.scaler, state=self.state, **train_kwargs)
+        return self.train_one_epoch(epoch, data_loader, loss_fn, **train_kwargs)
 
     def epochs(self, train_epoch, evaluates=True):
         """The epochs left to run, as (epoch, train_stats); the loop body evaluates and logs.
@@ -131,14 +137,16 @@ class Run:
             if args.evaluate:
                 return
             if evaluates:
-                checkpoints.mark_evaluated(args.output_dir, epoch, state)  # a resumed run need not evaluate it again
+                # a resumed run need not evaluate it again
+                checkpoints.mark_evaluated(args.output_dir, epoch, state, self.streams)
             else:
                 self._save_last(epoch)
             end_epoch(self.device)
 
     def _save_last(self, epoch, train_stats=None):
         checkpoints.save_last_checkpoint(self.args.output_dir, self.model_without_ddp, self.optimizer, self.scaler,
-                                         self.config, epoch, self.state, train_stats=train_stats)
+                                         self.config, epoch, self.state, train_stats=train_stats,
+                                         streams=self.streams)
 
     def update_best(self, score, epoch, save=True):
         """checkpoints.update_best for this run: a new best `score` is recorded (and saved)."""
@@ -151,8 +159,9 @@ def prepare_training(model, args, config, device):
 
     Moves the model to the device, turns on text activation checkpointing when the config
     asks (text_grad_ckpt), wraps it in DDP when a process group exists, builds the original's
-    AdamW (init_lr, weight_decay) and the GradScaler (amp), and resumes (--resume or the output
-    folder's last checkpoint). Returns the Run.
+    AdamW (init_lr, weight_decay) and the GradScaler (amp), seeds the training streams of the
+    ranks this process plays (engine/rng.py; several with emulate_world_size), and resumes
+    (--resume or the output folder's last checkpoint). Returns the Run.
     """
     if args.evaluate and not args.resume:  # (a --resume checkpoint replaces every weight)
         require_trained_weights(model, config)
@@ -163,8 +172,9 @@ def prepare_training(model, args, config, device):
     optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
                                   weight_decay=config['weight_decay'])
     scaler = make_grad_scaler(config, device)
-    state = checkpoints.resume(args, model_without_ddp, optimizer, scaler)
-    return Run(args, config, device, model, model_without_ddp, optimizer, scaler, state)
+    streams = emulate.rank_streams(config, args.seed)
+    state = checkpoints.resume(args, model_without_ddp, optimizer, scaler, streams)
+    return Run(args, config, device, model, model_without_ddp, optimizer, scaler, state, streams)
 
 
 def require_trained_weights(model, config):

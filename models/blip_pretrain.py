@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.fileio import download_cached_file, is_url
 from models.blip import create_vit, init_tokenizer, load_med_config, read_checkpoint
-from models.blip_retrieval import contrastive_loss, matching_loss, momentum_features, online_features, sample_negatives
+from models.blip_retrieval import contrastive_loss, matching_loss, sample_negatives, with_first_token
 from models.med import BertLMHeadModel, BertModel, load_bert_weights
 from models.momentum import MomentumQueues
 from models.vit import interpolate_pos_embed
@@ -97,27 +97,22 @@ class BLIP_Pretrain(MomentumQueues, nn.Module):
 
     def forward(self, image, caption, alpha):
         """Returns (loss_ita, loss_itm, loss_lm) for a batch of images and captions."""
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        return self.contrastive_forward(image, caption, alpha)
 
-        image_embeds, image_atts, image_feat, text, text_feat = online_features(self, image, caption,
-                                                                                max_length=30)
-
+    def rank_losses(self, own, world, alpha):
+        """(loss_ita, loss_itm, loss_lm) of one rank (ITM negatives from its own batch)."""
         # ============== Image-text contrastive learning ==============
-        with torch.no_grad():
-            self._momentum_update()
-            image_feat_m, text_feat_m = momentum_features(self, image, text)
-        loss_ita, sim_i2t, sim_t2i = contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                      self.image_queue, self.text_queue, self.temp, alpha)
-
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        loss_ita, sim_i2t, sim_t2i = contrastive_loss(own.image_feat, own.text_feat, own.image_feat_m,
+                                                      own.text_feat_m, self.image_queue, self.text_queue,
+                                                      self.temp, alpha)
 
         # ============== Image-text matching ==============
-        encoder_input_ids = text.input_ids.clone()
-        encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
+        text, image_embeds = own.text, own.image_embeds
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        encoder_input_ids = with_first_token(text.input_ids, self.tokenizer.enc_token_id)
 
         def hard_negatives():
-            bs = image.size(0)
+            bs = image_embeds.size(0)
             with torch.no_grad():
                 # In-batch similarities (online vs momentum features, as the original); +1e-4
                 # keeps every other pair possible, the diagonal (the positive) is excluded.
@@ -132,8 +127,7 @@ class BLIP_Pretrain(MomentumQueues, nn.Module):
                                  image_embeds, image_atts, hard_negatives)
 
         # ============== Language modelling ==============
-        decoder_input_ids = text.input_ids.clone()
-        decoder_input_ids[:, 0] = self.tokenizer.bos_token_id
+        decoder_input_ids = with_first_token(text.input_ids, self.tokenizer.bos_token_id)
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.tokenizer.pad_token_id, -100)
         decoder_output = self.text_decoder(decoder_input_ids,
                                            attention_mask=text.attention_mask,

@@ -8,9 +8,9 @@ Two objectives, as in the original release:
   not; each positive pair comes with one hard negative image per text and one hard negative
   text per image, sampled in proportion to their ITC similarity.
 
-The momentum encoders and queues come from models/momentum.py; the two losses
-(`online_features`, `momentum_features`, `contrastive_loss`, `matching_loss`) and the negative
-sampler are module functions because BLIP_Pretrain uses the same ones.
+The momentum encoders, the queues and the step in parts come from models/momentum.py; the
+two losses (`contrastive_loss`, `matching_loss`) and the negative sampler are module
+functions because BLIP_Pretrain uses the same ones.
 """
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,11 @@ from torch import nn
 from models.blip import create_vit, init_tokenizer, load_med_config, load_pretrained
 from models.med import BertModel
 from models.momentum import MomentumQueues
-from utils import all_gather_with_grad, concat_all_gather, get_rank
 
 
 class BLIP_Retrieval(MomentumQueues, nn.Module):
     queue_pointer = 'ptr_queue'  # the original's buffer name (BLIP_Pretrain's is queue_ptr)
+    max_text_length = 35
 
     def __init__(
         self,
@@ -65,68 +65,61 @@ class BLIP_Retrieval(MomentumQueues, nn.Module):
 
     def forward(self, image, caption, alpha, idx):
         """Returns (loss_ita, loss_itm) for a batch of images, captions and image ids `idx`."""
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        return self.contrastive_forward(image, caption, alpha, idx)
 
-        image_embeds, image_atts, image_feat, text, text_feat = online_features(self, image, caption,
-                                                                                max_length=35)
+    @property
+    def gathers_image_embeds(self):
+        return self.negative_all_rank
 
+    def rank_losses(self, own, world, alpha):
+        """(loss_ita, loss_itm) of one rank: own is its RankBatch, world the global batch."""
         # ============== Image-text contrastive learning ==============
-        idx = idx.view(-1, 1)
-        with torch.no_grad():
-            self._momentum_update()
-            image_feat_m, text_feat_m = momentum_features(self, image, text)
         # The original builds id-aware targets (every queue entry with the same image id counts
         # as positive) and then overwrites them with the plain diagonal before use; the
         # diagonal is what it trains with, so contrastive_loss uses it.
-        loss_ita, _, _ = contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+        loss_ita, _, _ = contrastive_loss(own.image_feat, own.text_feat, own.image_feat_m, own.text_feat_m,
                                           self.image_queue, self.text_queue, self.temp, alpha)
 
-        idxs = concat_all_gather(idx)
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
-
         # ============== Image-text matching ==============
-        encoder_input_ids = text.input_ids.clone()
-        encoder_input_ids[:, 0] = self.tokenizer.enc_token_id
+        text, idx = own.text, own.idx
+        encoder_input_ids = with_first_token(text.input_ids, self.tokenizer.enc_token_id)
 
         def hard_negatives():
             # Candidates: this rank's batch, or every rank's batch.
             if self.negative_all_rank:
-                with torch.no_grad():
-                    idx_world = idxs
-                    image_feat_world = concat_all_gather(image_feat)
-                    text_feat_world = concat_all_gather(text_feat)
-                image_embeds_world = all_gather_with_grad(image_embeds)
-                input_ids_world = concat_all_gather(encoder_input_ids)
-                att_mask_world = concat_all_gather(text.attention_mask)
+                idx_world, image_feat_world, text_feat_world = world.idx, world.image_feat, world.text_feat
+                image_embeds_world = world.image_embeds
+                input_ids_world = with_first_token(world.input_ids, self.tokenizer.enc_token_id)
+                att_mask_world, offset = world.attention_mask, world.offset
             else:
-                idx_world, image_feat_world, text_feat_world = idx, image_feat, text_feat
-                image_embeds_world = image_embeds
-                input_ids_world, att_mask_world = encoder_input_ids, text.attention_mask
+                idx_world, image_feat_world, text_feat_world = idx, own.image_feat, own.text_feat
+                image_embeds_world = own.image_embeds
+                input_ids_world, att_mask_world, offset = encoder_input_ids, text.attention_mask, 0
 
             with torch.no_grad():
                 # Pairs showing the same image are never negatives of each other.
                 same_image = torch.eq(idx, idx_world.t())
-                weights_i2t = F.softmax(image_feat @ text_feat_world.t() / self.temp, dim=1)
+                weights_i2t = F.softmax(own.image_feat @ text_feat_world.t() / self.temp, dim=1)
                 weights_i2t.masked_fill_(same_image, 0)
-                weights_t2i = F.softmax(text_feat @ image_feat_world.t() / self.temp, dim=1)
+                weights_t2i = F.softmax(own.text_feat @ image_feat_world.t() / self.temp, dim=1)
                 weights_t2i.masked_fill_(same_image, 0)
 
-            neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t)
+            neg_image_idx, neg_text_idx = self.select_negatives(weights_t2i, weights_i2t, offset=offset)
             return (image_embeds_world[neg_image_idx], input_ids_world[neg_text_idx],
                     att_mask_world[neg_text_idx])
 
+        image_atts = torch.ones(own.image_embeds.shape[:-1], dtype=torch.long, device=own.image_embeds.device)
         loss_itm = matching_loss(self.text_encoder, self.itm_head, encoder_input_ids, text.attention_mask,
-                                 image_embeds, image_atts, hard_negatives)
+                                 own.image_embeds, image_atts, hard_negatives)
         return loss_ita, loss_itm
 
-    def select_negatives(self, weights_t2i, weights_i2t):
+    def select_negatives(self, weights_t2i, weights_i2t, offset=0):
         """Hard negatives: (an image index for each text, a text index for each image).
 
         weights_t2i is (B, N_images), weights_i2t is (B, N_texts); N is the global batch with
-        negative_all_rank, else B. Row b's own pair sits at column rank*B + b (all-rank) or b.
+        negative_all_rank, else B. Row b's own pair sits at column offset + b (offset: the
+        rank's first row in the global batch, or 0).
         """
-        offset = get_rank() * weights_t2i.size(0) if self.negative_all_rank else 0
         return sample_negatives(weights_t2i, offset), sample_negatives(weights_i2t, offset)
 
 
@@ -138,36 +131,11 @@ def blip_retrieval(pretrained='', **kwargs):
 # Shared with BLIP_Pretrain
 
 
-def online_features(model, image, caption, max_length):
-    """The online encoders' ITC inputs: (image_embeds, image_atts, image_feat, text, text_feat).
-
-    image_embeds (B, 1 + patches, W) and its all-ones mask; text: the tokenizer's output
-    (padded to max_length); image_feat / text_feat: projected, normalised [CLS] features (B, D).
-    """
-    image_embeds = model.visual_encoder(image)
-    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-
-    text = model.tokenizer(caption, padding='max_length', truncation=True, max_length=max_length,
-                           return_tensors='pt').to(image.device)
-    text_output = model.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                     return_dict=True, mode='text')
-    text_feat = F.normalize(model.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
-    return image_embeds, image_atts, image_feat, text, text_feat
-
-
-def momentum_features(model, image, text):
-    """Normalised ITC features of the momentum encoders: (image_feat_m, text_feat_m), each (B, D).
-
-    model: BLIP_Retrieval or BLIP_Pretrain (visual_encoder_m, vision_proj_m, text_encoder_m,
-    text_proj_m); text: the tokenizer's output for the captions.
-    """
-    image_embeds_m = model.visual_encoder_m(image)
-    image_feat_m = F.normalize(model.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-    text_output_m = model.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
-                                         return_dict=True, mode='text')
-    text_feat_m = F.normalize(model.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-    return image_feat_m, text_feat_m
+def with_first_token(input_ids, token_id):
+    """A copy of input_ids (B, T) whose first column is token_id ([ENC] for ITM, [DEC] for LM)."""
+    input_ids = input_ids.clone()
+    input_ids[:, 0] = token_id
+    return input_ids
 
 
 def contrastive_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):

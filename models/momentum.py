@@ -6,14 +6,24 @@ gradient) and registers the queues of momentum features under the original's buf
 (`image_queue`, `text_queue`, the optional `idx_queue`, and the pointer named by the class's
 `queue_pointer`: 'ptr_queue' for retrieval, 'queue_ptr' for pre-training, as in official
 checkpoints). `copy_params` / `momentum_update` work on any list of (online, momentum) pairs.
+
+The mixin also runs a training step in parts, so that one process can play several ranks
+(engine/emulate.py): `start_step` (temperature clamp, momentum update: once per step on every
+rank), `encode` (the online encoders: what is re-run with grad), `momentum_encode`, the
+class's `rank_losses(own, world, alpha)` (one rank's losses from its RankBatch and the global
+batch's WorldBatch) and `enqueue(world)`. `contrastive_forward` chains them for a real process,
+gathering the world from the other processes.
 """
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.blip import create_vit
 from models.med import BertModel
-from utils import concat_all_gather
+from utils import all_gather_with_grad, concat_all_gather, get_rank
 
 
 def _param_lists(model_pairs):
@@ -45,10 +55,62 @@ def momentum_update(model_pairs, momentum):
     torch._foreach_add_(momentum_params, [p.data for p in online], alpha=1.0 - momentum)
 
 
+@dataclass
+class RankBatch:
+    """One rank's batch through the encoders of a contrastive step."""
+    image_embeds: torch.Tensor       # (B, 1 + patches, W) online ViT output
+    image_feat: torch.Tensor         # (B, D) its normalised ITC feature
+    text: Any                        # the tokenizer's output (input_ids, attention_mask)
+    text_feat: torch.Tensor          # (B, D) normalised ITC feature of the online text encoder
+    idx: Optional[torch.Tensor] = None           # (B, 1) image ids (retrieval), else None
+    image_feat_m: Optional[torch.Tensor] = None  # (B, D) momentum features (momentum_encode)
+    text_feat_m: Optional[torch.Tensor] = None
+
+
+@dataclass
+class WorldBatch:
+    """The global batch in rank order (what concat_all_gather gives every rank) and where this
+    rank's rows start. image_embeds carries the gradient back to every rank's encoder (as
+    all_gather_with_grad); it is None when the model does not use other ranks' embeddings."""
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_feat_m: torch.Tensor
+    text_feat_m: torch.Tensor
+    idx: Optional[torch.Tensor]
+    offset: int
+    image_embeds: Optional[torch.Tensor] = None
+
+    @classmethod
+    def gather(cls, own, with_image_embeds):
+        """From every process (this process is one rank)."""
+        return cls(concat_all_gather(own.image_feat), concat_all_gather(own.text_feat),
+                   concat_all_gather(own.text.input_ids), concat_all_gather(own.text.attention_mask),
+                   concat_all_gather(own.image_feat_m), concat_all_gather(own.text_feat_m),
+                   None if own.idx is None else concat_all_gather(own.idx),
+                   get_rank() * own.image_embeds.size(0),
+                   all_gather_with_grad(own.image_embeds) if with_image_embeds else None)
+
+    @classmethod
+    def concat(cls, batches):
+        """From the RankBatches of every rank, played in this process (offset 0: see for_rank)."""
+        def cat(get):
+            return torch.cat([get(b) for b in batches])
+        return cls(cat(lambda b: b.image_feat), cat(lambda b: b.text_feat), cat(lambda b: b.text.input_ids),
+                   cat(lambda b: b.text.attention_mask), cat(lambda b: b.image_feat_m),
+                   cat(lambda b: b.text_feat_m), None if batches[0].idx is None else cat(lambda b: b.idx), 0)
+
+    def for_rank(self, offset, image_embeds=None):
+        return replace(self, offset=offset, image_embeds=image_embeds)
+
+
 class MomentumQueues:
     """Mixin: momentum encoders, their EMA update and the ITC queues (see the module docstring)."""
 
     queue_pointer = 'queue_ptr'  # the pointer buffer's name in the class's checkpoints
+    max_text_length = 30         # captions are padded / cut to this many tokens
+    gathers_image_embeds = False  # whether rank_losses uses other ranks' image embeddings
 
     def init_momentum(self, vit, image_size, embed_dim, queue_size, momentum, id_queue=False):
         """Build the momentum encoders after the online ones (visual_encoder, vision_proj,
@@ -83,22 +145,83 @@ class MomentumQueues:
     def _momentum_update(self):
         momentum_update(self.model_pairs, self.momentum)
 
+    # ------------------------------------------------------------- a training step in parts
+
+    def contrastive_forward(self, image, caption, alpha, idx=None):
+        """One rank's step as the original's forward: the losses (rank_losses' tuple).
+
+        The RNG is consumed in the original's order: the online text encoder's dropout, the
+        momentum encoders', then what rank_losses draws (ITM dropout and negatives, LM)."""
+        self.start_step()
+        own = self.encode(image, caption, idx)
+        with torch.no_grad():
+            self.momentum_encode(own, image)
+        world = WorldBatch.gather(own, self.gathers_image_embeds)
+        losses = self.rank_losses(own, world, alpha)
+        self.enqueue(world)
+        return losses
+
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat, text_feat, idxs=None):
-        """Enqueue the global batch's momentum features (and image ids `idxs`, gathered already).
+    def start_step(self):
+        """What every rank does once per step before its encoders: clamp the temperature, move
+        the momentum encoders toward the online ones."""
+        self.temp.clamp_(0.001, 0.5)
+        self._momentum_update()
+
+    def image_feature(self, image_embeds):
+        """The normalised ITC feature of the [CLS] token (B, D)."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def encode(self, image, caption, idx=None):
+        """The online encoders: a RankBatch without momentum features."""
+        image_embeds = self.visual_encoder(image)
+        text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=self.max_text_length,
+                              return_tensors='pt').to(image.device)
+        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                        return_dict=True, mode='text')
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        return RankBatch(image_embeds, self.image_feature(image_embeds), text, text_feat,
+                         None if idx is None else idx.view(-1, 1))
+
+    @torch.no_grad()
+    def momentum_encode(self, own, image):
+        """Fill own's momentum features (the momentum encoders run in train mode: dropout)."""
+        image_embeds_m = self.visual_encoder_m(image)
+        own.image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+        text_output_m = self.text_encoder_m(own.text.input_ids, attention_mask=own.text.attention_mask,
+                                            return_dict=True, mode='text')
+        own.text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+        return own
+
+    def rank_losses(self, own, world, alpha):
+        raise NotImplementedError
+
+    # for a process that plays several ranks (engine/emulate.py)
+
+    def world_of(self, batches):
+        """The WorldBatch of every played rank's RankBatch."""
+        return WorldBatch.concat(batches)
+
+    def with_leaves(self, cached, image_embeds, text_feat):
+        """`cached` (a RankBatch) with its encoder outputs replaced by leaves that collect the
+        gradient of the losses."""
+        return replace(cached, image_embeds=image_embeds, image_feat=self.image_feature(image_embeds),
+                       text_feat=text_feat)
+
+    @torch.no_grad()
+    def enqueue(self, world):
+        """Enqueue the global batch's momentum features (and image ids), once per step.
 
         Every rank enqueues the whole global batch, so the queues stay identical across ranks.
         """
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
+        batch_size = world.image_feat_m.shape[0]
         pointer = getattr(self, self.queue_pointer)
         ptr = int(pointer)
-        assert self.queue_size % batch_size == 0, (
-            f'queue_size ({self.queue_size}) must be a multiple of the global batch size ({batch_size})')
-
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T
-        if idxs is not None:
-            self.idx_queue[:, ptr:ptr + batch_size] = idxs.T
+        if self.queue_size % batch_size:
+            raise ValueError(f'queue_size ({self.queue_size}) must be a multiple of the global batch size '
+                             f'({batch_size}: the batch size times the number of ranks)')
+        self.image_queue[:, ptr:ptr + batch_size] = world.image_feat_m.T
+        self.text_queue[:, ptr:ptr + batch_size] = world.text_feat_m.T
+        if world.idx is not None and hasattr(self, 'idx_queue'):
+            self.idx_queue[:, ptr:ptr + batch_size] = world.idx.T
         pointer[0] = (ptr + batch_size) % self.queue_size

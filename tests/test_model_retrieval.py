@@ -37,7 +37,7 @@ def inject_negatives(model, indices, calls=None):
     next B: a text per image)."""
     batch = indices.numel() // 2
 
-    def select(weights_t2i, weights_i2t):
+    def select(weights_t2i, weights_i2t, offset=0):
         if calls is not None:
             calls.append((weights_t2i.clone(), weights_i2t.clone()))
         return indices[:batch].clone(), indices[batch:].clone()
@@ -199,7 +199,7 @@ def test_momentum_update_and_copy_params():
 def test_queue_size_must_divide_the_batch(fixture):
     inputs, _ = fixture
     model = BLIP_Retrieval(**constructor_kwargs(TASK, queue_size=6))
-    with pytest.raises(AssertionError, match="queue_size"):
+    with pytest.raises(ValueError, match="queue_size"):
         model(inputs["train_images"], inputs["train_captions"], alpha=0.4, idx=inputs["train_idx"])
 
 

@@ -34,7 +34,8 @@ def test_alpha_ramps_up_over_two_epochs():
 
     batch = (torch.zeros(2, 3, 4, 4), ['a', 'b'])
     for epoch, i in [(0, 0), (0, 5), (1, 0), (1, 5), (2, 0), (5, 9)]:
-        losses = pretrain.train_step(model, batch, epoch, i, 10, {'alpha': 0.4}, torch.device('cpu'))
+        inputs = pretrain.train_inputs(batch, epoch, i, 10, {'alpha': 0.4}, torch.device('cpu'))
+        losses = dict(zip(pretrain.LOSS_NAMES, model(**inputs)))
     assert list(losses) == LOSSES
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
 
