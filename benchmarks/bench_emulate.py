@@ -80,6 +80,7 @@ def main():
         streams = RankStreams(0, range(world)) if world > 1 else None
 
         def run():
+            model.ptr_queue.zero_()  # the variants enqueue batches of different sizes
             with contextlib.redirect_stdout(io.StringIO()):
                 loop.train_one_epoch(model, loader, optimizer, 0, device, config, loss_fn, scaler=scaler,
                                      streams=streams, print_freq=10 ** 6)

@@ -2,7 +2,9 @@
 and --help listing every default and the config keys a script reads."""
 import argparse
 import json
+import os
 
+from engine import emulate
 from engine.checkpoints import LAST_CHECKPOINT
 from engine.config import ENGINE_DEFAULTS, ConfigError, check_config, load_config
 from utils import DIST_TIMEOUT_MINUTES, default_device
@@ -126,6 +128,9 @@ def parse_args_and_config(description, default_config, default_output_dir, defau
                                       defaults=all_defaults, argv=argv, add_args=add_all_args,
                                       epilog=epilog, optional=known or ())
     check_config(config, args.config, required, known, all_defaults)
+    # torchrun's WORLD_SIZE (what utils.init_distributed_mode joins): checked before any work
+    world_size = int(os.environ.get('WORLD_SIZE', 1)) if 'RANK' in os.environ else 1
+    emulate.check_config(config, args.config, world_size)
     return args, config
 
 

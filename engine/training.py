@@ -26,7 +26,6 @@ def setup(args, config):
     if str(args.device).startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f'--device {args.device}: CUDA is not available here; use --device cpu')
     store = utils.init_distributed_mode(args)
-    emulate.check_config(config, args.config, utils.get_world_size())
     if store is not None:
         monitor.start_rank_monitor(store, args.rank, args.world_size, args.dist_timeout * 60)
     device = torch.device(args.device)
