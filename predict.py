@@ -40,8 +40,8 @@ CAPTION_DEFAULTS = dict(num_beams=3, max_length=20, min_length=5)  # configs/cap
 
 # ----------------------------------------------------------------------------- the tasks
 
-def caption(model, images, records, args):
-    captions = model.generate(images, sample=args.sample, num_beams=args.beams, max_length=args.max_length,
+def caption(model, images, owners, records, args):
+    captions = model.generate(images[owners], sample=args.sample, num_beams=args.beams, max_length=args.max_length,
                               min_length=args.min_length, top_p=args.top_p, num_captions=args.num_captions)
     results = []
     for i, record in enumerate(records):
@@ -53,38 +53,43 @@ def caption(model, images, records, args):
     return results
 
 
-def vqa(model, images, records, args):
+def vqa(model, image_embeds, owners, records, args):
     questions = [record['question'] for record in records]
+    embeds = image_embeds[owners]
     if args.answer_list is None:
-        answers = model(images, questions, train=False, inference='generate')
+        answers = model(None, questions, train=False, inference='generate', image_embeds=embeds)
     else:
-        ids = model(images, questions, args.answer_list, train=False, inference='rank', k_test=args.k_test)
+        ids = model(None, questions, args.answer_list, train=False, inference='rank', k_test=args.k_test,
+                    image_embeds=embeds)
         answers = [args.answer_list[i] for i in ids.tolist()]
     return [{'image': r['image'], 'question': r['question'], 'answer': a} for r, a in zip(records, answers)]
 
 
-def match(model, images, records, args):
+def match(model, image_embeds, owners, records, args):
     texts = [record['text'] for record in records]
-    itm = F.softmax(model(images, texts, match_head='itm').float(), dim=1)[:, 1]
-    itc = model(images, texts, match_head='itc').float().diagonal()
+    embeds = image_embeds[owners]
+    itm = F.softmax(model(None, texts, match_head='itm', image_embeds=embeds).float(), dim=1)[:, 1]
+    itc = model(None, texts, match_head='itc', image_embeds=embeds).float().diagonal()
     return [{'image': r['image'], 'text': r['text'], 'itm': round(float(p), 6), 'itc': round(float(s), 6)}
             for r, p, s in zip(records, itm, itc)]
 
 
-def classify(model, images, records, args):
+def classify(model, image_embeds, owners, records, args):
     """Zero-shot classification, the evaluation's two stages: ITC shortlists `--k` labels per
     image, ITM (with [ENC] first, as ranking.py scores pairs) re-ranks them; `prob` is p(match)
     normalised over the shortlist."""
     if not hasattr(args, 'label_features'):  # the labels' text features, once per run
         prompts = [args.template.format(label) for label in args.label_list]
-        args.label_features = ranking.text_features(model, prompts, images.device, {}, quiet=True)
+        args.label_features = ranking.text_features(model, prompts, image_embeds.device, {}, quiet=True)
     label_ids, label_atts, label_embeds = args.label_features
-    image_feats = model.visual_encoder(images)
-    image_embeds = F.normalize(model.vision_proj(image_feats[:, 0, :]).float(), dim=-1)
-    sims, shortlist = (image_embeds @ label_embeds.t()).topk(min(args.k, len(args.label_list)), dim=1)
-    pair_images = torch.arange(len(images))[:, None].expand_as(shortlist).flatten()
-    logits = ranking.score_pairs(model, image_feats, label_ids, label_atts, pair_images, shortlist.flatten().cpu(),
-                                 images.device, {'amp': args.amp}, quiet=True)
+    itc_embeds = F.normalize(model.vision_proj(image_embeds[owners][:, 0, :]).float(), dim=-1)
+    sims, shortlist = (itc_embeds @ label_embeds.t()).topk(min(args.k, len(args.label_list)), dim=1)
+    pair_images = owners.cpu()[:, None].expand(shortlist.shape).flatten()
+    order = torch.argsort(pair_images, stable=True)  # score_pairs takes pairs sorted by image
+    logits = torch.empty(len(order), 2)
+    logits[order] = ranking.score_pairs(model, image_embeds, label_ids, label_atts, pair_images[order],
+                                        shortlist.cpu().flatten()[order], image_embeds.device, {'amp': args.amp},
+                                        quiet=True)
     p_match = logits.softmax(dim=-1)[:, 1].view_as(sims)
     results = []
     for record, row_labels, row_itm, row_itc in zip(records, shortlist.tolist(), p_match.tolist(), sims.tolist()):
@@ -97,11 +102,12 @@ def classify(model, images, records, args):
 
 
 TASKS = {
-    # name: (function, model kind of models.zoo, the fields an input record carries besides 'image')
-    'caption': (caption, 'caption', ()),
-    'vqa': (vqa, 'vqa', ('question',)),
-    'match': (match, 'itm', ('text',)),
-    'classify': (classify, 'itm', ()),
+    # name: (function, model kind of models.zoo, the fields an input record carries besides
+    # 'image', whether the function takes the images' visual encoder outputs or the pixels)
+    'caption': (caption, 'caption', (), False),
+    'vqa': (vqa, 'vqa', ('question',), True),
+    'match': (match, 'itm', ('text',), True),
+    'classify': (classify, 'itm', (), True),
 }
 
 
@@ -110,12 +116,12 @@ TASKS = {
 def image_embeddings(model, transform, paths, args, device):
     """(normalised ITC image embeddings of the readable images, their paths, how many failed)."""
     embeds, kept, failed = [], [], 0
-    for batch, images, unreadable in image_batches(paths, transform, args, path_of=lambda path: path):
+    for batch, images, owners, unreadable in image_batches(paths, transform, args, path_of=lambda path: path):
         failed += unreadable
         kept += batch
         if batch:
             with torch.no_grad(), autocast(args.amp, device):
-                feats = model.visual_encoder(images.to(device))
+                feats = model.visual_encoder(images.to(device))[owners]
                 embeds.append(F.normalize(model.vision_proj(feats[:, 0, :]).float(), dim=-1).cpu())
     width = model.vision_proj.out_features
     return (torch.cat(embeds) if embeds else torch.zeros(0, width)), kept, failed
@@ -264,20 +270,38 @@ class Progress:
 
 # ----------------------------------------------------------------------------- the run
 
-def image_batches(items, transform, args, path_of):
-    """(readable items, their images stacked or None, how many could not be read) for each
-    --batch_size slice of items; an unreadable image is reported on stderr and left out. The
-    progress line advances once the caller has handled a slice."""
+def image_batches(items, transform, args, path_of, encode=None):
+    """For each --batch_size slice of items: (its readable items, one row per distinct image,
+    each item's row, how many items could not be read). Each distinct image is read once per
+    slice, and not again when the slice before had it (an image's records usually come
+    together: 40 texts against one photo); encode(pixels) -> the rows kept instead of the
+    pixels (the visual encoder's output), run once per image likewise. An unreadable image
+    is reported on stderr and its items left out. The progress line advances once the caller
+    has handled a slice."""
     progress = Progress(len(items), enabled=not args.quiet)
+    kept = {}  # path -> row, for the images of the slice before
     for start in range(0, len(items), args.batch_size):
-        chunk, batch, tensors = items[start:start + args.batch_size], [], []
-        for item in chunk:
+        chunk = items[start:start + args.batch_size]
+        rows, unreadable, new_paths, new_pixels = {}, set(), [], []
+        for path in dict.fromkeys(path_of(item) for item in chunk):
+            if path in kept:
+                rows[path] = kept[path]
+                continue
             try:
-                tensors.append(transform(read_image(path_of(item))))
-                batch.append(item)
+                new_pixels.append(transform(read_image(path)))
+                new_paths.append(path)
             except ImageReadError as error:
                 print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
-        yield batch, (torch.stack(tensors) if tensors else None), len(chunk) - len(batch)
+                unreadable.add(path)
+        if new_pixels:
+            pixels = torch.stack(new_pixels)
+            rows.update(zip(new_paths, pixels if encode is None else encode(pixels)))
+        order = [path for path in dict.fromkeys(path_of(item) for item in chunk) if path in rows]
+        index = {path: i for i, path in enumerate(order)}
+        batch = [item for item in chunk if path_of(item) in rows]
+        owners = [index[path_of(item)] for item in batch]
+        yield batch, (torch.stack([rows[path] for path in order]) if order else None), owners, len(chunk) - len(batch)
+        kept = rows
         progress.update(len(chunk))
 
 
@@ -296,7 +320,7 @@ def records_for(args, fields):
 
 
 def run(args):
-    function, kind, fields = TASKS[args.task]
+    function, kind, fields, encodes = TASKS[args.task]
     config = load_config(args.config) if args.config else {}
     if args.task == 'caption':  # generation settings: the command line, else the config, else caption_coco.yaml
         for key, name in (('num_beams', 'beams'), ('max_length', 'max_length'), ('min_length', 'min_length')):
@@ -322,12 +346,18 @@ def run(args):
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only results
         model, transform = zoo.load_model(args.model, kind, config=config, device=device)
     torch.manual_seed(args.seed)  # nucleus sampling gives the same captions on every run
+
+    def encode(pixels):  # each image through the visual encoder once per run (image_batches)
+        with torch.no_grad(), autocast(args.amp, device):
+            return model.visual_encoder(pixels.to(device))
+
     failed = 0
-    for batch, images, unreadable in image_batches(todo, transform, args, path_of=lambda record: record['image']):
+    for batch, images, owners, unreadable in image_batches(todo, transform, args, path_of=lambda record: record['image'],
+                                                           encode=encode if encodes else None):
         failed += unreadable
         if batch:
             with torch.no_grad(), autocast(args.amp, device):
-                results = function(model, images.to(device), batch, args)
+                results = function(model, images.to(device), torch.as_tensor(owners, device=device), batch, args)
             writer.write(results)
             if getattr(args, 'sidecar', False):
                 write_sidecars(results)

@@ -36,13 +36,16 @@ class BLIP_ITM(nn.Module):
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
 
-    def forward(self, image, caption, match_head='itm'):
+    def forward(self, image, caption, match_head='itm', image_embeds=None):
         """'itm': (B, 2) match logits of image i with caption i; 'itc': (B, B) cosine
-        similarities of every image with every caption."""
-        image_embeds = self.visual_encoder(image)
-        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image.device)
+        similarities of every image with every caption. image_embeds: the visual encoder's
+        output for `image`, when the caller has it already (image is then not read)."""
+        if image_embeds is None:
+            image_embeds = self.visual_encoder(image)
+        device = image_embeds.device
+        image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=device)
         text = self.tokenizer(caption, padding='max_length', truncation=True, max_length=35,
-                              return_tensors="pt").to(image.device)
+                              return_tensors="pt").to(device)
 
         if match_head == 'itm':
             output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,

@@ -45,19 +45,23 @@ class BLIP_VQA(nn.Module):
         self.text_decoder = BertLMHeadModel(config=decoder_config)
 
     def forward(self, image, question, answer=None, n=None, weights=None, train=True,
-                inference='rank', k_test=128):
+                inference='rank', k_test=128, image_embeds=None):
         """
         train=True: `answer` is the flat list of answers of all questions, `n[b]` how many
         belong to question b, `weights` their weights; returns the weighted LM loss.
         train=False: inference='generate' returns answer strings; inference='rank' returns the
         index (into the candidates) of each question's best answer, with `answer` the
         candidate list: its tokenization with [DEC] first (as train_vqa builds it), or strings.
+        image_embeds: the visual encoder's output for `image`, when the caller has it already
+        (image is then not read).
         """
-        image_embeds = self.visual_encoder(image)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        if image_embeds is None:
+            image_embeds = self.visual_encoder(image)
+        device = image_embeds.device
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
 
         question = self.tokenizer(question, padding='longest', truncation=True, max_length=35,
-                                  return_tensors='pt').to(image.device)
+                                  return_tensors='pt').to(device)
         question.input_ids[:, 0] = self.tokenizer.enc_token_id
         question_output = self.text_encoder(question.input_ids,
                                             attention_mask=question.attention_mask,
@@ -67,26 +71,26 @@ class BLIP_VQA(nn.Module):
         question_states = question_output.last_hidden_state
 
         if train:
-            answer = self.tokenizer(answer, padding='longest', return_tensors='pt').to(image.device)
+            answer = self.tokenizer(answer, padding='longest', return_tensors='pt').to(device)
             answer.input_ids[:, 0] = self.tokenizer.bos_token_id
             answer_targets = answer.input_ids.masked_fill(answer.input_ids == self.tokenizer.pad_token_id, -100)
 
             # Each question's states, repeated once per answer of that question.
-            counts = torch.as_tensor(n, device=image.device)
+            counts = torch.as_tensor(n, device=device)
             answer_logits = self.text_decoder(answer.input_ids,
                                               attention_mask=answer.attention_mask,
                                               encoder_hidden_states=question_states.repeat_interleave(counts, dim=0),
                                               encoder_attention_mask=question.attention_mask.repeat_interleave(counts, dim=0),
                                               return_dict=True).logits
             answer_loss = smoothed_sequence_loss(answer_logits, answer_targets)
-            loss = torch.as_tensor(weights, device=image.device) * answer_loss
-            return loss.sum() / image.size(0)
+            loss = torch.as_tensor(weights, device=device) * answer_loss
+            return loss.sum() / image_embeds.size(0)
 
         if inference == 'generate':
             return self.generate_answers(question_states)
         if inference == 'rank':
             if isinstance(answer, (list, tuple)):
-                answer = self.tokenize_candidates(answer).to(image.device)
+                answer = self.tokenize_candidates(answer).to(device)
             return self.rank_answer(question_states, question.attention_mask,
                                     answer.input_ids, answer.attention_mask, k_test)
         raise ValueError(f"inference must be 'rank' or 'generate', got {inference!r}")

@@ -163,6 +163,60 @@ def test_match_gives_itm_probability_and_itc_cosine(checkpoints, images, capsys)
     assert all(0 <= line['itm'] <= 1 and -1 <= line['itc'] <= 1 for line in lines)
 
 
+def vit_images_counted(monkeypatch):
+    """A list that receives the number of images of every visual encoder forward of the
+    models predict.py loads."""
+    seen, load = [], zoo.load_model
+
+    def counting_load(*args, **kwargs):
+        model, transform = load(*args, **kwargs)
+        model.visual_encoder.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+        return model, transform
+    monkeypatch.setattr(predict.zoo, 'load_model', counting_load)
+    return seen
+
+
+def test_each_image_goes_through_the_vit_once_and_outputs_keep_their_order(checkpoints, images, capsys,
+                                                                             tmp_path, monkeypatch):
+    """match and vqa with many texts per image (records of one image together, two images
+    interleaved within a slice): one ViT pass per distinct image for the whole run, and every
+    line what the model gives for that record alone, in the input order."""
+    _, paths = images
+    texts = [f'a {colour} {shape}' for colour in ('red', 'green', 'blue', 'pale') for shape in ('circle', 'square')]
+    records = ([{'image': paths[0], 'text': t} for t in texts]
+               + [{'image': paths[1 + i % 2], 'text': t} for i, t in enumerate(texts[:6])])
+    listing = tmp_path / 'pairs.jsonl'
+    listing.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    seen = vit_images_counted(monkeypatch)
+    code, lines, _ = run_predict(capsys, 'match', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                 '--batch_size', 3, '--quiet', listing)
+    assert code == 0 and sum(seen) == 3  # was two per record (ITM and ITC), 28
+    assert [(line['image'], line['text']) for line in lines] == [(r['image'], r['text']) for r in records]
+    model, transform = _loaded('itm', checkpoints['itm'])
+    with torch.no_grad():
+        pixels = _batch(transform, [r['image'] for r in records])
+        itm = F.softmax(model(pixels, [r['text'] for r in records], match_head='itm'), dim=1)[:, 1]
+        itc = model(pixels, [r['text'] for r in records], match_head='itc').diagonal()
+    assert [line['itm'] for line in lines] == pytest.approx(itm.tolist(), abs=1e-5)
+    assert [line['itc'] for line in lines] == pytest.approx(itc.tolist(), abs=1e-5)
+    assert len({line['itm'] for line in lines}) > 5  # the texts score differently: order is checked
+
+    questions = ['what colour is it?', 'is it round?', 'how many shapes?']
+    records = [{'image': p, 'question': q} for p in paths[:2] for q in questions]
+    listing.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    seen.clear()
+    code, lines, _ = run_predict(capsys, 'vqa', '--model', checkpoints['vqa'], '--config', CONFIGS['vqa'],
+                                 '--batch_size', 4, '--quiet', listing)
+    assert code == 0 and sum(seen) == 2
+    model, transform = _loaded('vqa', checkpoints['vqa'])
+    with torch.no_grad():  # the same slices of 4 records as predict.py forms
+        expected = [answer for start in (0, 4) for answer in model(
+            _batch(transform, [r['image'] for r in records[start:start + 4]]),
+            [r['question'] for r in records[start:start + 4]], train=False, inference='generate')]
+    assert [(line['image'], line['question'], line['answer']) for line in lines] == [
+        (r['image'], r['question'], a) for r, a in zip(records, expected)]
+
+
 def test_classify_shortlists_by_itc_and_reranks_by_itm(checkpoints, images, capsys, tmp_path):
     import ranking
     _, paths = images
