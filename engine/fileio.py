@@ -174,11 +174,16 @@ def check_checkpoint_file(path, source=None):
     return 'torch'
 
 
-def load_checkpoint_file(path, allow_unsafe=None):
+def load_checkpoint_file(path, allow_unsafe=None, mmap=False):
     """torch.load a checkpoint onto the CPU with `weights_only=True`, or CheckpointError saying
     what is wrong with the file: not a checkpoint (an HTML error page, text, an empty file),
     truncated (an interrupted copy or download), or holding Python objects whose unpickling
-    would run code from the file (then loaded only with the opt-in of `unsafe_load_allowed`)."""
+    would run code from the file (then loaded only with the opt-in of `unsafe_load_allowed`).
+
+    mmap: map the file instead of reading it (torch's zip format), so only the tensors the
+    caller touches are read: a model's weights out of a training checkpoint that also holds the
+    momentum encoders and the optimizer state. For callers that copy what they keep (the file
+    stays mapped while a tensor of it is alive)."""
     kind = check_checkpoint_file(path)
     size = os.path.getsize(path)
     if kind == 'safetensors':  # tensors only: safe by construction
@@ -189,7 +194,7 @@ def load_checkpoint_file(path, allow_unsafe=None):
         except SafetensorError as error:
             raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes): {error}") from error
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         if not unsafe_load_allowed(allow_unsafe):
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -300,7 +300,8 @@ def read_checkpoint(url_or_filename, allow_unsafe=None):
     else:
         raise RuntimeError(f'checkpoint url or path is invalid: {url_or_filename}')
 
-    checkpoint = load_checkpoint_file(path, allow_unsafe=allow_unsafe)
+    # mapped: only the tensors the model takes are read (load_state_dict copies them)
+    checkpoint = load_checkpoint_file(path, allow_unsafe=allow_unsafe, mmap=True)
     state_dict = checkpoint['model'] if isinstance(checkpoint, dict) and 'model' in checkpoint else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"checkpoint {path} is neither {{'model': state_dict}} nor a state dict of tensors")
