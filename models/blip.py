@@ -347,3 +347,28 @@ def load_checkpoint(model, url_or_filename, allow_unsafe=None):
     Returns (model, msg) with msg.missing_keys, msg.unexpected_keys, msg.dropped_keys."""
     state_dict = read_checkpoint(url_or_filename, allow_unsafe=allow_unsafe)
     return load_state_dict_into(model, state_dict, source=url_or_filename)
+
+
+def build_for_inference(cls, kwargs, checkpoint):
+    """(cls(**kwargs) with the weights of `checkpoint`, the load report) for inference, light
+    on memory: built on the meta device, its parameters and buffers become the checkpoint's own
+    (mapped) tensors instead of copies of them, so peak memory is about one model, not two.
+    A checkpoint that is not the model's exactly (a tensor missing, or of another dtype or
+    shape) is loaded as load_checkpoint loads it."""
+    with torch.device('meta'):
+        model = cls(**kwargs)
+    shared = {}  # tied parameters (one tensor under several names) are tied again afterwards
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    state_dict, dropped = _prepare_state_dict(model, read_checkpoint(checkpoint))
+    expected = model.state_dict()
+    if dropped or any(key not in state_dict or state_dict[key].dtype != value.dtype for key, value in expected.items()):
+        return load_checkpoint(cls(**kwargs), checkpoint)
+    model.load_state_dict({key: state_dict[key] for key in expected}, assign=True)
+    for names in shared.values():
+        source = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attribute = name.rpartition('.')
+            setattr(model.get_submodule(owner), attribute, source)
+    print(f'load checkpoint from {checkpoint}')
+    return model, CheckpointLoadResult([], sorted(set(state_dict) - set(expected)), [])

@@ -108,12 +108,11 @@ def resolve(model, task, config=None):
 def load_model(model, task, config=None, device='cpu'):
     """The model for `task` ('caption', 'vqa' or 'itm') from a zoo name or a checkpoint, in eval
     mode on `device`, and the image transform it expects (PIL image -> normalised tensor)."""
-    from models.blip import BLIP_Decoder, load_checkpoint, require_weights
+    from models.blip import BLIP_Decoder, build_for_inference, require_weights
     from models.blip_itm import BLIP_ITM
     from models.blip_vqa import BLIP_VQA
 
     checkpoint, kwargs = resolve(model, task, config)
-    net = {'caption': BLIP_Decoder, 'vqa': BLIP_VQA, 'itm': BLIP_ITM}[task](**kwargs)
-    net, msg = load_checkpoint(net, checkpoint)
+    net, msg = build_for_inference({'caption': BLIP_Decoder, 'vqa': BLIP_VQA, 'itm': BLIP_ITM}[task], kwargs, checkpoint)
     require_weights(net, checkpoint, f'it is not a {task} model', msg=msg)
     return net.to(torch.device(device)).eval(), eval_transform(kwargs['image_size'])

@@ -56,6 +56,36 @@ def test_bare_state_dict_and_factory(tmp_path, caption_state):
     assert_loaded(model, caption_state)
 
 
+def test_build_for_inference_takes_the_checkpoint_tensors_themselves(tmp_path, caption_state):
+    """Built on the meta device, the weights are the checkpoint's (mapped) tensors: the same
+    values as load_checkpoint gives, the decoder's LM head still tied to its word embeddings, the
+    same captions; a checkpoint that does not fit exactly is loaded the usual way."""
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": caption_state, "optimizer": {"state": {}}}, path)
+    kwargs = constructor_kwargs("caption")
+    model, msg = blip.build_for_inference(BLIP_Decoder, kwargs, str(path))
+    reference, _ = load_checkpoint(BLIP_Decoder(**kwargs), str(path))
+    assert msg.missing_keys == [] and msg.dropped_keys == []
+    assert_loaded(model, caption_state)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    head = model.text_decoder.cls.predictions.decoder.weight
+    assert head is model.text_decoder.bert.embeddings.word_embeddings.weight
+    images = torch.randn(2, 3, kwargs["image_size"], kwargs["image_size"])
+    with torch.no_grad():
+        assert model.eval().generate(images) == reference.eval().generate(images)
+
+    # float16 tensors, or a missing one: loaded into a normally built model (float32, reported)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in caption_state.items()}
+    torch.save(half, tmp_path / "half.pth")
+    model, _ = blip.build_for_inference(BLIP_Decoder, kwargs, str(tmp_path / "half.pth"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    partial = {k: v for k, v in caption_state.items() if not k.startswith("text_decoder.cls")}
+    torch.save(partial, tmp_path / "partial.pth")
+    model, msg = blip.build_for_inference(BLIP_Decoder, kwargs, str(tmp_path / "partial.pth"))
+    assert msg.missing_keys and all(key.startswith("text_decoder.cls") for key in msg.missing_keys)
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_factory_refuses_checkpoint_missing_weights(tmp_path, caption_state):
     # the original asserts that decoder / feature-extractor checkpoints are complete; here every
     # factory loads non-strictly and the caller that needs every weight asks (require_weights)
