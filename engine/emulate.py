@@ -22,7 +22,11 @@ Gao et al. 2021), so memory stays about one rank's step plus the global batch's 
 3. for each rank: its online encoders again, with grad, from the kept RNG state (the same
    dropout masks), backward from the leaves' gradients.
 
-Under torchrun each process is one rank: N must then be 1 or the number of processes.
+Under torchrun with M processes, N must be a multiple of M: process p plays ranks
+p*N/M .. (p+1)*N/M - 1. The model is then not wrapped in DDP; the world batch is gathered
+across processes, the gradients that the losses send to other processes' image embeddings
+are summed back to them (what all_gather_with_grad's backward does), and the parameters'
+gradients are summed over processes before the optimizer step (each already divided by N).
 """
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -68,10 +72,10 @@ def check_config(config, config_path, world_size):
         raise ConfigError(f'{where}: emulate_world_size={emulate} and accum_steps={config["accum_steps"]} '
                           f'cannot be combined: emulate_world_size already makes one optimizer step of '
                           f'the N ranks\' batches; set accum_steps=1')
-    if emulate > 1 and world_size > 1 and emulate != world_size:
+    if emulate > 1 and emulate % world_size:
         raise ConfigError(f'{where}: emulate_world_size={emulate} under torchrun with {world_size} '
-                          f'processes: a process plays one rank there, so emulate_world_size must be 1 or '
-                          f'{world_size} (several emulated ranks per process is not supported yet)')
+                          f'processes: it must be a multiple of the number of processes (each plays '
+                          f'emulate_world_size / processes ranks)')
     batch_key = 'batch_size_train' if 'batch_size_train' in config else 'batch_size'
     ranks = max(emulate, world_size)
     if 'queue_size' in config and batch_key in config:
@@ -90,12 +94,16 @@ def check_config(config, config_path, world_size):
 
 
 def rank_streams(config, seed):
-    """The RNG streams of the ranks this process plays: range(N) when one process emulates N,
-    else its own rank's."""
-    emulate = config.get('emulate_world_size', 1)
-    if emulate > 1 and utils.get_world_size() == 1:
-        return RankStreams(seed, range(emulate))
-    return RankStreams(seed, [utils.get_rank()])
+    """The RNG streams of the ranks this process plays: its share of the N emulated ranks, or
+    its own rank when it plays one."""
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    per_process = max(1, config.get('emulate_world_size', 1) // world_size)
+    return RankStreams(seed, range(rank * per_process, (rank + 1) * per_process))
+
+
+def num_ranks(streams):
+    """N: the ranks of the run (every process plays as many as this one)."""
+    return len(streams.ranks) * utils.get_world_size()
 
 
 def rank_loader(loader, num_replicas, rank):
@@ -113,7 +121,7 @@ class RankBatches:
 
     def __init__(self, data_loader, streams, epoch):
         self.streams = streams
-        self.loaders = [rank_loader(data_loader, len(streams.ranks), rank) for rank in streams.ranks]
+        self.loaders = [rank_loader(data_loader, num_ranks(streams), rank) for rank in streams.ranks]
         for loader in self.loaders:
             loader.sampler.set_epoch(epoch)
 
@@ -136,9 +144,10 @@ class RankBatches:
 def forward_backward(model, batches, loss_fn, streams, step, config, device, scaler, loss_weights=None):
     """One emulated step's forward and backward (no optimizer step); returns each rank's losses.
 
-    step: (epoch, i, num_iters) as loss_fn takes them.
+    step: (epoch, i, num_iters) as loss_fn takes them. Under torchrun the gradients are then
+    summed over the processes (the model is not in DDP when a process plays several ranks).
     """
-    n = len(streams.ranks)
+    n = num_ranks(streams)
 
     def backward(losses):
         scaler.scale(total_loss(losses, loss_weights) / n).backward()
@@ -147,16 +156,25 @@ def forward_backward(model, batches, loss_fn, streams, step, config, device, sca
         if not isinstance(loss_fn, ForwardLosses):
             raise TypeError(f'emulating {type(model).__name__} needs its loss_fn as engine.emulate.ForwardLosses')
         inputs = [loss_fn.inputs(batch, *step) for batch in batches]
-        return _contrastive(model, inputs, loss_fn.named, streams, config, device, backward)
-
-    all_losses = []
-    for rank, batch in zip(streams.ranks, batches):
-        with streams.use(rank):
-            with autocast(config, device):
-                losses = loss_fn(model, batch, *step)
-            backward(losses)
-        all_losses.append({name: value.detach() for name, value in losses.items()})
+        all_losses = _contrastive(model, inputs, loss_fn.named, streams, config, device, backward)
+    else:
+        all_losses = []
+        for rank, batch in zip(streams.ranks, batches):
+            with streams.use(rank):
+                with autocast(config, device):
+                    losses = loss_fn(model, batch, *step)
+                backward(losses)
+            all_losses.append({name: value.detach() for name, value in losses.items()})
+    if utils.get_world_size() > 1:
+        _sum_over_processes([p.grad for p in model.parameters() if p.grad is not None])
     return all_losses
+
+
+def _sum_over_processes(tensors):
+    """Sum each tensor over the processes, in place, with one all-reduce."""
+    flat = utils.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    for tensor, total in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(total.view_as(tensor))
 
 
 def _contrastive(model, inputs, named, streams, config, device, backward):
@@ -172,21 +190,23 @@ def _contrastive(model, inputs, named, streams, config, device, backward):
                 own = model.encode(kwargs['image'], kwargs['caption'], kwargs.get('idx'))
                 model.momentum_encode(own, kwargs['image'])
             cached.append(own)
-    world = model.world_of(cached)
+    world = model.world_of(cached).gathered()
 
     # 2. each rank's losses from the cached features, made leaves; backward into them
     embeds = [own.image_embeds.detach().requires_grad_() for own in cached]
     text_feats = [own.text_feat.detach().requires_grad_() for own in cached]
+    world_embeds = _WorldEmbeds(embeds) if model.gathers_image_embeds else None
     all_losses = []
     for j, (rank, kwargs) in enumerate(zip(streams.ranks, inputs)):
         with streams.use(rank):
             with autocast(config, device):
                 own = model.with_leaves(cached[j], embeds[j], text_feats[j])
-                rank_world = world.for_rank(j * len(embeds[j]),
-                                            torch.cat(embeds) if model.gathers_image_embeds else None)
+                rank_world = world.for_rank(rank * len(embeds[j]), world_embeds and world_embeds.tensor())
                 losses = named(model.rank_losses(own, rank_world, kwargs['alpha']))
             backward(losses)
         all_losses.append({name: value.detach() for name, value in losses.items()})
+    if world_embeds is not None:
+        world_embeds.return_gradients()
     model.enqueue(world)
 
     # 3. the online encoders again, with grad and pass 1's dropout masks; backward from the leaves
@@ -199,3 +219,32 @@ def _contrastive(model, inputs, named, streams, config, device, backward):
             if pairs:
                 torch.autograd.backward([tensor for tensor, _ in pairs], [grad for _, grad in pairs])
     return all_losses
+
+
+class _WorldEmbeds:
+    """The image embeddings of every rank as one tensor (all_gather_with_grad's output): this
+    process's leaves, and the other processes' embeddings as leaves of their own whose
+    gradients return_gradients() sends back to them (an all-reduce, as that backward does)."""
+
+    def __init__(self, embeds):
+        self.local, self.process, self.parts = embeds, utils.get_rank(), None
+        if utils.get_world_size() > 1:
+            gathered = utils.concat_all_gather(torch.cat(embeds).detach()).chunk(utils.get_world_size())
+            self.parts = [None if p == self.process else part.clone().requires_grad_()
+                          for p, part in enumerate(gathered)]
+
+    def tensor(self):
+        own = torch.cat(self.local)  # a fresh cat per rank: its graph reaches this process's leaves
+        if self.parts is None:
+            return own
+        return torch.cat([own if part is None else part for part in self.parts])
+
+    def return_gradients(self):
+        if self.parts is None:
+            return
+        own = torch.cat(self.local)
+        grads = torch.cat([torch.zeros_like(own) if part is None or part.grad is None else part.grad
+                           for part in self.parts])
+        mine = utils.all_reduce_sum(grads).chunk(utils.get_world_size())[self.process]
+        for leaf, grad in zip(self.local, mine.split([len(leaf) for leaf in self.local])):
+            leaf.grad = grad.clone() if leaf.grad is None else leaf.grad + grad

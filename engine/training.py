@@ -43,9 +43,15 @@ def setup(args, config):
     return device
 
 
-def wrap_model(model, args, find_unused_parameters=False):
-    """(model, model_without_ddp): DDP only when a process group exists."""
+def wrap_model(model, args, find_unused_parameters=False, ddp=True):
+    """(model, model_without_ddp): DDP only when a process group exists. ddp=False (a process
+    playing several emulated ranks averages the gradients itself, engine/emulate.py): the
+    parameters and buffers are made rank 0's, as DDP does, and the model is not wrapped."""
     if not utils.is_dist_avail_and_initialized():
+        return model, model
+    if not ddp:
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
         return model, model
     device_ids = [args.gpu] if next(model.parameters()).is_cuda else None
     # No buffer broadcast from rank 0 before every forward: BLIP's only changing buffers are
@@ -167,11 +173,11 @@ def prepare_training(model, args, config, device):
     model = model.to(device)
     if config['text_grad_ckpt']:
         set_text_grad_checkpointing(model)
-    model, model_without_ddp = wrap_model(model, args)
+    streams = emulate.rank_streams(config, args.seed)
+    model, model_without_ddp = wrap_model(model, args, ddp=not streams.emulated)
     optimizer = torch.optim.AdamW(params=model.parameters(), lr=config['init_lr'],
                                   weight_decay=config['weight_decay'])
     scaler = make_grad_scaler(config, device)
-    streams = emulate.rank_streams(config, args.seed)
     state = checkpoints.resume(args, model_without_ddp, optimizer, scaler, streams)
     return Run(args, config, device, model, model_without_ddp, optimizer, scaler, state, streams)
 

@@ -104,6 +104,14 @@ class WorldBatch:
     def for_rank(self, offset, image_embeds=None):
         return replace(self, offset=offset, image_embeds=image_embeds)
 
+    def gathered(self):
+        """This process's part concatenated with every other process's, in process order (a
+        process playing several consecutive ranks)."""
+        def gather(tensor):
+            return None if tensor is None else concat_all_gather(tensor)
+        return replace(self, **{name: gather(getattr(self, name)) for name in (
+            'image_feat', 'text_feat', 'input_ids', 'attention_mask', 'image_feat_m', 'text_feat_m', 'idx')})
+
 
 class MomentumQueues:
     """Mixin: momentum encoders, their EMA update and the ITC queues (see the module docstring)."""

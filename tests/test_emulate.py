@@ -6,7 +6,8 @@
   with ITM negatives from every rank or from the rank's own batch, pre-training);
 - whole scripts: an epoch of train_retrieval.py (negative_all_rank true and false, 2 and 3
   ranks), pretrain.py and train_caption.py under torchrun and emulated agree, checkpoint
-  and logs; plain accum_steps does not; a killed emulated run resumes to the same end.
+  and logs; so do 4 processes and 2 processes playing 2 ranks each; plain accum_steps does
+  not; a killed emulated run resumes to the same end.
 
 What "agree" means for parameters: within 1e-4, but for attention key biases. Softmax ignores
 a constant shift of a row's scores, so their exact gradient is 0 and what they receive is
@@ -106,9 +107,11 @@ def test_config_rules_name_the_keys(capsys):
         emulate.check_config(base_config(emulate_world_size=2, queue_size=36), 'c.yaml', 1)
     with pytest.raises(ConfigError, match=r'queue_size=40 .* \(batch_size=8 x 2 rank\(s\): processes\)'):
         emulate.check_config({'batch_size': 8, 'queue_size': 40}, 'c.yaml', 2)
-    with pytest.raises(ConfigError, match='emulate_world_size=4 under torchrun with 2 processes.*not supported yet'):
-        emulate.check_config(base_config(emulate_world_size=4), 'c.yaml', 2)
+    with pytest.raises(ConfigError, match='emulate_world_size=3 under torchrun with 2 processes: it must be a '
+                                          'multiple of the number of processes'):
+        emulate.check_config(base_config(emulate_world_size=3, queue_size=24), 'c.yaml', 2)
     emulate.check_config(base_config(emulate_world_size=2), 'c.yaml', 2)  # one rank per process: plain DDP
+    emulate.check_config(base_config(emulate_world_size=4), 'c.yaml', 2)  # two per process
 
     capsys.readouterr()
     emulate.check_config(base_config(accum_steps=4), 'c.yaml', 1)
@@ -260,6 +263,16 @@ def test_retrieval_epoch_emulated_equals_torchrun(toy_data, retrieval_ddp, tmp_p
     reference = assert_runs_agree(out, retrieval_ddp[negative_all_rank, nproc], lr=1e-4)
     # the queue wrapped: it took every step's global batch
     assert reference['global_step'] * 4 * nproc > 12 * nproc
+
+
+@pytest.mark.slow
+def test_two_processes_playing_two_ranks_each_equal_four_processes(toy_data, tmp_path):
+    case = ('negative_all_rank=True', 'queue_size=48')
+    run_script('train_retrieval.py', *retrieval_args(toy_data, tmp_path / 'ddp', *case), nproc=4)
+    result = run_script('train_retrieval.py', *retrieval_args(toy_data, tmp_path / 'emulated', *case,
+                                                              'emulate_world_size=4'), nproc=2)
+    assert 'Train Epoch: [0]' in result.stdout
+    assert_runs_agree(tmp_path / 'emulated', tmp_path / 'ddp', lr=1e-4)
 
 
 @pytest.mark.slow
