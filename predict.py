@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import ranking
-from data.user_inputs import ImageReadError, InputError, collect_inputs, read_image
+from data.user_inputs import ImageReadError, InputError, collect_inputs, load_answer_list, load_labels, read_image
 from engine.cli import HelpFormatter
 from engine.config import ConfigError, load_config
 from engine.fileio import is_url
@@ -367,32 +367,6 @@ def run(args):
     return 1 if failed else 0
 
 
-def load_labels(labels, at_least=2):
-    """Class names (or texts): a comma-separated list, or a file (.json list, or one per line)."""
-    if os.path.isfile(labels):
-        with open(labels, encoding='utf-8') as f:
-            text = f.read()
-        names = json.loads(text) if labels.endswith('.json') else text.splitlines()
-    else:
-        names = labels.split(',')
-    names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
-    if len(names) < at_least:
-        what = 'class names' if at_least > 1 else 'text'
-        raise InputError(f"{labels!r}: give at least {at_least} {what} (comma-separated, or a file)")
-    return names
-
-
-def load_answer_list(path):
-    """A JSON list of answer strings (as the VQA answer_list.json) or a text file, one per line."""
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    answers = json.loads(text) if path.endswith('.json') else [line.strip() for line in text.splitlines()]
-    answers = [a for a in answers if isinstance(a, str) and a.strip()]
-    if not answers:
-        raise InputError(f"answer list {path} holds no answers")
-    return answers
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     tasks = parser.add_subparsers(dest='task', required=True)
@@ -471,10 +445,19 @@ def _check(parser, args):
             parser.error(f"--beams must be >= 1, got {args.beams}")
         if not 0 < args.top_p <= 1:
             parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.task == 'classify' and (args.k < 1 or '{}' not in args.template):
-        parser.error(f"--k must be >= 1 (got {args.k}) and --template must hold {{}} (got {args.template!r})")
+    if args.task == 'classify' and (args.k < 1 or not _one_slot(args.template)):
+        parser.error(f"--k must be >= 1 (got {args.k}) and --template must hold {{}} once and no other "
+                     f"{{...}} (got {args.template!r})")
     if args.task == 'vqa' and args.k_test < 1:
         parser.error(f"--k_test must be >= 1, got {args.k_test}")
+
+
+def _one_slot(template):
+    """Whether template.format(label) works and puts the label in exactly one place."""
+    try:
+        return template.count('{}') == 1 and template.format('\0').count('\0') == 1
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 def main(argv=None):
@@ -491,6 +474,9 @@ def main(argv=None):
     except (InputError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"predict.py {args.task}: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an output that cannot be written (full disk, no permission)
+        print(f"predict.py {args.task}: cannot write the results: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

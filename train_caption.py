@@ -129,4 +129,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-    run()
+    cli.main(run)

@@ -100,3 +100,29 @@ def read_image(name):
         raise ImageReadError(f"{name}: no such file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"{name}: {type(error).__name__}: {error}") from None
+
+
+def load_labels(labels, at_least=2):
+    """Class names (or texts): a comma-separated list, or a file (.json list, or one per line)."""
+    if os.path.isfile(labels):
+        with open(labels, encoding='utf-8-sig') as f:  # -sig: Windows editors start files with a BOM
+            text = f.read()
+        names = json.loads(text) if labels.endswith('.json') else text.splitlines()
+    else:
+        names = labels.split(',')
+    names = [n.strip() for n in names if isinstance(n, str) and n.strip()]
+    if len(names) < at_least:
+        what = 'class names' if at_least > 1 else 'text'
+        raise InputError(f"{labels!r}: give at least {at_least} {what} (comma-separated, or a file)")
+    return names
+
+
+def load_answer_list(path):
+    """A JSON list of answer strings (as the VQA answer_list.json) or a text file, one per line."""
+    with open(path, encoding='utf-8-sig') as f:
+        text = f.read()
+    answers = json.loads(text) if path.endswith('.json') else [line.strip() for line in text.splitlines()]
+    answers = [a for a in answers if isinstance(a, str) and a.strip()]
+    if not answers:
+        raise InputError(f"answer list {path} holds no answers")
+    return answers

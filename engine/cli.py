@@ -3,6 +3,7 @@ and --help listing every default and the config keys a script reads."""
 import argparse
 import json
 import os
+import sys
 
 from engine import emulate
 from engine.checkpoints import LAST_CHECKPOINT
@@ -153,3 +154,23 @@ def _config_keys_help(required, defaults):
                      + wrapped(f'{key}={json.dumps(value)}' for key, value in sorted(defaults.items())))
     return '\n\n'.join(parts)
 
+
+def main(run):
+    """A script's entry point: run(), with every documented failure ending as one message on
+    stderr (what is wrong, naming the file, key or value) and a non-zero exit status instead of
+    a traceback: 2 for bad input (config, data, checkpoint, a missing file), 1 for a failure while
+    running (an output that cannot be written, a non-finite loss). BLIP_DEBUG=1 shows the
+    traceback as well."""
+    from data.user_inputs import InputError
+    from data.utils import DataError
+    from engine.fileio import CheckpointError, WriteError
+    from engine.loop import NonFiniteLossError
+
+    bad_input = (ConfigError, DataError, InputError, CheckpointError, FileNotFoundError)
+    try:
+        return run()
+    except bad_input + (WriteError, NonFiniteLossError, OSError) as error:
+        if os.environ.get('BLIP_DEBUG'):
+            raise
+        print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(error, bad_input) else 1)

@@ -203,6 +203,37 @@ def check_config(config, path, required=(), known=None, defaults=ENGINE_DEFAULTS
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f'config file {path}: clip_grad_norm must be a positive number '
                                 f'or null; got {clip!r}')
+    check_relations(config, path)
+
+
+VIT_SIZES = ('base', 'large')  # models.blip.create_vit's names; both have 16-pixel patches
+VIT_KEYS = ('width', 'depth', 'heads')  # a mapping's required keys (patch_size defaults to 16)
+
+
+def check_relations(config, path):
+    """Rules between keys (each alone may be fine): the ViT size, the image size against its
+    patch size, the generation lengths. ConfigError naming the keys and their values."""
+    where = f'config file {path} (or its command-line overrides)'
+    vit = config.get('vit')
+    patch_size = 16
+    if vit is not None:
+        if isinstance(vit, dict):
+            missing = [key for key in VIT_KEYS if key not in vit]
+            if missing:
+                raise ConfigError(f'{where}: the vit mapping lacks {", ".join(missing)} (keys: width, depth, heads, '
+                                  f'patch_size); got {vit!r}')
+            patch_size = vit.get('patch_size', 16)
+        elif vit not in VIT_SIZES:
+            raise ConfigError(f"{where}: vit must be 'base', 'large' or a mapping {{width, depth, heads, "
+                              f"patch_size}}; got {vit!r}")
+    image_size = config.get('image_size')
+    if vit is not None and isinstance(image_size, int) and isinstance(patch_size, int) and patch_size > 0 \
+            and image_size % patch_size:
+        raise ConfigError(f'{where}: image_size={image_size} is not a multiple of the ViT patch size {patch_size} '
+                          f'(the ViT would drop the last {image_size % patch_size} pixel rows and columns)')
+    low, high = config.get('min_length'), config.get('max_length')
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        raise ConfigError(f'{where}: min_length={low} is larger than max_length={high}')
 
 
 def check_value(value, key, path, integer, lowest, lowest_allowed=True, highest=None):

@@ -1,6 +1,7 @@
 """Config loading: typed and nested overrides, errors that name the key and the file, the
 official YAMLs in configs/, the saved copy, and the scripts' command line."""
 import json
+import re
 import textwrap
 
 import pytest
@@ -361,3 +362,21 @@ def test_the_other_entry_points_show_examples_or_defaults(command, shown):
     assert result.returncode == 0, result.stderr
     out = ' '.join(result.stdout.split())
     assert 'usage:' in out and all(text in out for text in shown), out
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'min_length': 30, 'max_length': 10}, 'min_length=30 is larger than max_length=10'),
+    ({'image_size': 100}, 'image_size=100 is not a multiple of the ViT patch size 16'),
+    ({'vit': {'width': 64, 'depth': 2, 'heads': 4, 'patch_size': 64}, 'image_size': 96},
+     'image_size=96 is not a multiple of the ViT patch size 64'),
+    ({'vit': 'huge'}, "vit must be 'base', 'large' or a mapping"),
+    ({'vit': {'width': 64, 'depth': 2}}, 'the vit mapping lacks heads'),
+])
+def test_relations_between_keys_are_checked_with_the_names_and_values(overrides, message):
+    from engine.config import check_relations
+    config = {'vit': 'base', 'image_size': 384, 'min_length': 5, 'max_length': 20, **overrides}
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        check_relations(config, 'c.yaml')
+    assert 'c.yaml' in str(error.value)
+    check_relations({'vit': 'base', 'image_size': 384, 'min_length': 5, 'max_length': 20}, 'c.yaml')
+    check_relations({'vit': {'width': 64, 'depth': 2, 'heads': 4, 'patch_size': 64}, 'image_size': 64}, 'c.yaml')

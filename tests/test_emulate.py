@@ -125,12 +125,16 @@ def test_script_refuses_emulation_with_accumulation_before_any_work(tmp_path):
     result = run_script('train_retrieval.py', '--config', REPO / 'configs/shapes/retrieval_coco.yaml',
                         '--output_dir', tmp_path / 'out', '--device', 'cpu', 'emulate_world_size=2',
                         'accum_steps=2', check=False)
-    assert result.returncode != 0
-    assert 'emulate_world_size=2 and accum_steps=2 cannot be combined' in result.stderr + result.stdout
-    assert not (tmp_path / 'out' / 'checkpoint_last.pth').exists()
+    # one message on stderr, exit status 2, no traceback (engine.cli.main), nothing written
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('train_retrieval.py: error: config file ')
+    assert 'emulate_world_size=2 and accum_steps=2 cannot be combined' in result.stderr
+    assert not (tmp_path / 'out').exists()
     result = run_script('train_retrieval.py', '--config', REPO / 'configs/shapes/retrieval_coco.yaml',
-                        '--output_dir', tmp_path / 'out', '--device', 'cpu', 'emulate_world_size=0', check=False)
-    assert result.returncode != 0 and 'emulate_world_size must be an integer >= 1' in result.stderr + result.stdout
+                        '--output_dir', tmp_path / 'out', '--device', 'cpu', 'emulate_world_size=0', check=False,
+                        env={'BLIP_DEBUG': '1'})  # BLIP_DEBUG=1: the traceback too
+    assert result.returncode != 0 and 'emulate_world_size must be an integer >= 1' in result.stderr
+    assert 'Traceback' in result.stderr
 
 
 # --------------------------------------------------------------------------- one step, gradients

@@ -393,6 +393,25 @@ def test_wrong_model_and_bad_arguments_are_refused(checkpoints, images, capsys):
     assert '--batch_size must be >= 1' in capsys.readouterr().err
 
 
+def test_label_files_with_a_bom_bad_templates_and_unwritable_outputs(checkpoints, images, capsys, tmp_path):
+    _, paths = images
+    labels = tmp_path / 'labels.txt'
+    labels.write_bytes('red\r\ngreen\r\n'.encode('utf-8-sig'))  # as Windows editors save it
+    code, lines, _ = run_predict(capsys, 'classify', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                 '--labels', labels, '--quiet', paths[0])
+    assert code == 0 and {item['label'] for item in lines[0]['labels']} == {'red', 'green'}
+    for template in ('a {colour}', 'a {} {1}', 'a {} and {}', 'a {'):
+        with pytest.raises(SystemExit):
+            predict.parse_args(['classify', '--model', 'itm_base', '--labels', 'a,b', '--template', template, paths[0]])
+        assert '--template must hold {} once' in capsys.readouterr().err
+    blocked = tmp_path / 'not_a_folder'
+    blocked.write_text('a file where a folder should be')
+    code, lines, err = run_predict(capsys, 'match', '--model', checkpoints['itm'], '--config', CONFIGS['itm'],
+                                   '--text', 'a dog', '--quiet', '--out', blocked / 'out.jsonl', paths[0])
+    assert code == 1 and not lines and 'Traceback' not in err
+    assert 'cannot write the results' in err and 'out.jsonl' in err
+
+
 def test_the_zoo_lists_every_official_checkpoint(capsys):
     assert predict.main(['models']) == 0
     table = capsys.readouterr().out
