@@ -277,8 +277,7 @@ def run(argv=None):
     files = [] if config['filter_only'] else ['captioner_checkpoint']
     files += [] if config['caption_only'] else ['filter_checkpoint']
     preflight.check_paths(config, args.config, files=files)
-    device = training.setup(args, config)
-    main(args, config, device)
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

@@ -44,6 +44,7 @@ def check_gt_files(config, config_path):
 
 
 def main(args, config, device):
+    os.makedirs(args.result_dir, exist_ok=True)
     #### Dataset ####
     print('Creating captioning dataset')
     datasets = create_dataset('nocaps', config)
@@ -85,10 +86,8 @@ def run(argv=None):
     args.evaluate = True  # evaluation only: --resume loads weights, nothing resumes on its own
     preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
     check_gt_files(config, args.config)
-    device = training.setup(args, config)
-    args.result_dir = os.path.join(args.output_dir, 'result')
-    os.makedirs(args.result_dir, exist_ok=True)
-    main(args, config, device)
+    args.result_dir = os.path.join(args.output_dir, 'result')  # made by main
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

@@ -104,8 +104,7 @@ def run(argv=None):
         'output/Retrieval_msrvtt', defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv,
         doc=__doc__)
     preflight.check_paths(config, args.config, dirs=['video_root'], files=['pretrained'])
-    device = training.setup(args, config)
-    main(args, config, device)
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

@@ -139,8 +139,7 @@ def run(argv=None):
         preflight.check_url(DEFAULT_VIT_CHECKPOINTS[config['vit']], f'{args.config}: vit_checkpoint (default)')
     check_train_files(config, args.config)
     loss_weights(config, args.config)
-    device = training.setup(args, config)
-    main(args, config, device)
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

@@ -60,6 +60,7 @@ def ground_truth_files(config, result_dir, **splits):
 
 
 def main(args, config, device):
+    os.makedirs(args.result_dir, exist_ok=True)
     #### Dataset ####
     print('Creating captioning dataset')
     train_dataset, val_dataset, test_dataset = create_dataset(f"caption_{config['dataset']}", config)
@@ -122,10 +123,8 @@ def run(argv=None):
     if dataset == 'caption_coco':
         require_keys(config, ['coco_gt_root'], args.config)
     preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
-    device = training.setup(args, config)
-    args.result_dir = os.path.join(args.output_dir, 'result')
-    os.makedirs(args.result_dir, exist_ok=True)
-    main(args, config, device)
+    args.result_dir = os.path.join(args.output_dir, 'result')  # made by main
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

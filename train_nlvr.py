@@ -151,8 +151,7 @@ def run(argv=None):
         'BLIP NLVR2 fine-tuning and evaluation', './configs/nlvr.yaml', 'output/NLVR',
         defaults=TASK_DEFAULTS, required=REQUIRED_KEYS, known=(), argv=argv, doc=__doc__)
     preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
-    device = training.setup(args, config)
-    main(args, config, device)
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

@@ -114,8 +114,7 @@ def run(argv=None):
         known=OPTIONAL_KEYS, argv=argv, doc=__doc__)
     check_dataset_config(f"retrieval_{config['dataset']}", config, args.config)
     preflight.check_paths(config, args.config, dirs=['image_root'], files=['pretrained'])
-    device = training.setup(args, config)
-    main(args, config, device)
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

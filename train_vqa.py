@@ -80,6 +80,7 @@ def has_human_answers(annotation):
 # --------------------------------------------------------------------------- main
 
 def main(args, config, device):
+    os.makedirs(args.result_dir, exist_ok=True)
     #### Dataset ####
     print('Creating vqa datasets')
     datasets = create_dataset('vqa', config)
@@ -130,10 +131,8 @@ def run(argv=None):
         raise ConfigError(f"config file {args.config}: inference must be one of "
                           f"{', '.join(INFERENCE_MODES)}; got {config['inference']!r}")
     preflight.check_paths(config, args.config, dirs=['vqa_root', 'vg_root'], files=['pretrained'])
-    device = training.setup(args, config)
-    args.result_dir = os.path.join(args.output_dir, 'result')
-    os.makedirs(args.result_dir, exist_ok=True)
-    main(args, config, device)
+    args.result_dir = os.path.join(args.output_dir, 'result')  # made by main
+    training.launch(main, args, config)
 
 
 if __name__ == '__main__':

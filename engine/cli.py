@@ -165,8 +165,9 @@ def main(run):
     from data.utils import DataError
     from engine.fileio import CheckpointError, WriteError
     from engine.loop import NonFiniteLossError
+    from engine.outlock import OutputInUseError
 
-    bad_input = (ConfigError, DataError, InputError, CheckpointError, FileNotFoundError)
+    bad_input = (ConfigError, DataError, InputError, CheckpointError, FileNotFoundError, OutputInUseError)
     try:
         return run()
     except bad_input + (WriteError, NonFiniteLossError, OSError) as error:

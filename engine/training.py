@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from engine import checkpoints, emulate, loop, monitor
+from engine import checkpoints, emulate, loop, monitor, outlock
 from engine.config import save_config
 from engine.fileio import remove_stale_temporaries
 from engine.precision import make_grad_scaler
@@ -38,9 +38,20 @@ def setup(args, config):
 
     os.makedirs(args.output_dir, exist_ok=True)
     if utils.is_main_process():
+        outlock.acquire(args.output_dir)  # before anything is written there: one run per folder
         remove_stale_temporaries(args.output_dir)
         save_config(config, args.output_dir)
     return device
+
+
+def launch(main, args, config):
+    """What a script's run() ends with: setup, then main(args, config, device); the output
+    folder is free for another run once main returns or fails."""
+    device = setup(args, config)
+    try:
+        return main(args, config, device)
+    finally:
+        outlock.release(args.output_dir)
 
 
 def wrap_model(model, args, find_unused_parameters=False, ddp=True):

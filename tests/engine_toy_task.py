@@ -113,8 +113,7 @@ def run(argv):
     args, config = cli.parse_args_and_config('engine toy task', 'toy.yaml', 'output/toy',
                                                 defaults=TOY_DEFAULTS, required=TOY_REQUIRED,
                                                 known=(), argv=argv, doc=__doc__)
-    device = training.setup(args, config)
-    return main(args, config, device)
+    return training.launch(main, args, config)
 
 
 if __name__ == '__main__':
