@@ -104,6 +104,28 @@ def run_script(script, *args, nproc=1, timeout=600, check=True, env=None):
     return result
 
 
+def kill_at(script, *args, line_start='Train Epoch: [1]'):
+    """Run REPO/script with args as one plain process and SIGKILL it as soon as it prints a line
+    starting with line_start (the first iteration of epoch 1, by default); fails unless it was
+    killed there."""
+    import signal
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith(line_start):
+                os.kill(process.pid, signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, ''.join(seen[-30:])
+
+
 def read_json_lines(path):
     """The JSON lines of a log.txt / evaluate.txt."""
     with open(path) as f:

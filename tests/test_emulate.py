@@ -16,11 +16,7 @@ runs that differ only in their thread count differ there as much (measured: 3.9e
 steps at lr 1e-4). Those are compared within Adam's bound, 2 x lr x steps.
 """
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -30,7 +26,7 @@ from conftest import REPO
 from engine import emulate
 from engine.config import ConfigError
 from engine.rng import RankStreams
-from script_runner import read_json_lines, run_script
+from script_runner import kill_at, read_json_lines, run_script
 
 # --------------------------------------------------------------------------- streams
 
@@ -320,20 +316,7 @@ def test_killed_emulated_run_resumes_to_the_uninterrupted_end(toy_data, tmp_path
     run_script('train_retrieval.py', *retrieval_args(toy_data, reference, *args))
 
     out = tmp_path / 'killed'
-    command = [sys.executable, str(REPO / 'train_retrieval.py'), *map(str, retrieval_args(toy_data, out, *args))]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if line.startswith('Train Epoch: [1]'):
-                os.kill(process.pid, signal.SIGKILL)
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, ''.join(seen[-30:])
+    kill_at('train_retrieval.py', *retrieval_args(toy_data, out, *args))
     killed = torch.load(out / 'checkpoint_last.pth', weights_only=True)
     assert killed['epoch'] == 0 and len(killed['rng_states']) == 2  # both emulated ranks' streams
 

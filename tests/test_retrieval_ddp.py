@@ -15,9 +15,6 @@ set, so each run takes seconds.
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ import torch
 
 from conftest import REPO
 from engine.config import load_config
-from script_runner import read_json_lines, run_script
+from script_runner import kill_at, read_json_lines, run_script
 
 pytestmark = pytest.mark.slow  # trains toy models or runs whole scripts (make test-fast skips it)
 
@@ -162,21 +159,7 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(toy_data, t
 
     # the same run, killed right after the first iteration of epoch 1 ...
     out = tmp_path / 'killed'
-    command = [sys.executable, str(REPO / 'train_retrieval.py'), *map(str, script_args(toy_data, out, *args))]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    seen = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if line.startswith('Train Epoch: [1]'):
-                os.kill(process.pid, signal.SIGKILL)
-                break
-    finally:
-        process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, ''.join(seen[-30:])
+    kill_at('train_retrieval.py', *script_args(toy_data, out, *args))
     assert torch.load(out / 'checkpoint_last.pth', weights_only=True)['epoch'] == 0
     assert len(read_json_lines(out / 'log.txt')) == 1
 
