@@ -282,8 +282,9 @@ def image_batches(items, transform, args, path_of, encode=None):
     kept = {}  # path -> row, for the images of the slice before
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        rows, unreadable, new_paths, new_pixels = {}, set(), [], []
-        for path in dict.fromkeys(path_of(item) for item in chunk):
+        paths = list(dict.fromkeys(path_of(item) for item in chunk))  # distinct, in order
+        rows, new_paths, new_pixels = {}, [], []
+        for path in paths:
             if path in kept:
                 rows[path] = kept[path]
                 continue
@@ -292,11 +293,10 @@ def image_batches(items, transform, args, path_of, encode=None):
                 new_paths.append(path)
             except ImageReadError as error:
                 print(f"\npredict.py: cannot read image {error}", file=sys.stderr)
-                unreadable.add(path)
         if new_pixels:
             pixels = torch.stack(new_pixels)
             rows.update(zip(new_paths, pixels if encode is None else encode(pixels)))
-        order = [path for path in dict.fromkeys(path_of(item) for item in chunk) if path in rows]
+        order = [path for path in paths if path in rows]
         index = {path: i for i, path in enumerate(order)}
         batch = [item for item in chunk if path_of(item) in rows]
         owners = [index[path_of(item)] for item in batch]

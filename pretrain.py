@@ -100,6 +100,8 @@ def main(args, config, device):
     run = training.prepare_training(model, args, config, device)
     weights = loss_weights(config, args.config)
 
+    loss_fn = emulate.ForwardLosses(partial(train_inputs, config=config, device=device), LOSS_NAMES)
+
     def train_epoch(epoch):
         nonlocal data_loader
         utils.step_lr_schedule(run.optimizer, epoch, config['init_lr'], config['min_lr'], config['lr_decay_rate'])
@@ -114,7 +116,6 @@ def main(args, config, device):
         if epoch == 0:
             warmup = partial(utils.warmup_lr_schedule, run.optimizer, max_step=config['warmup_steps'],
                              init_lr=config['warmup_lr'], max_lr=config['init_lr'])
-        loss_fn = emulate.ForwardLosses(partial(train_inputs, config=config, device=device), LOSS_NAMES)
         return run.train_one_epoch(epoch, data_loader, loss_fn, lr_fn=warmup, window_size=50, loss_weights=weights)
 
     print('Start training')

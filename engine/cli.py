@@ -163,14 +163,14 @@ def main(run):
     traceback as well."""
     from data.user_inputs import InputError
     from data.utils import DataError
-    from engine.fileio import CheckpointError, WriteError
+    from engine.fileio import CheckpointError
     from engine.loop import NonFiniteLossError
     from engine.outlock import OutputInUseError
 
     bad_input = (ConfigError, DataError, InputError, CheckpointError, FileNotFoundError, OutputInUseError)
     try:
         return run()
-    except bad_input + (WriteError, NonFiniteLossError, OSError) as error:
+    except bad_input + (NonFiniteLossError, OSError) as error:  # OSError: engine.fileio.WriteError too
         if os.environ.get('BLIP_DEBUG'):
             raise
         print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)

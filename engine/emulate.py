@@ -29,9 +29,10 @@ are summed back to them (what all_gather_with_grad's backward does), and the par
 gradients are summed over processes before the optimizer step (each already divided by N).
 """
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import utils
+from data import create_sampler
 from engine import rng
 from engine.config import ConfigError
 from engine.precision import autocast
@@ -108,8 +109,8 @@ def num_ranks(streams):
 
 def rank_loader(loader, num_replicas, rank):
     """A copy of the training `loader` that draws what rank `rank` of `num_replicas` draws
-    (create_sampler's DistributedSampler; its epoch is set by RankBatches)."""
-    sampler = DistributedSampler(loader.dataset, num_replicas=num_replicas, rank=rank, shuffle=True)
+    (create_sampler's sampler, as under torchrun; its epoch is set by RankBatches)."""
+    (sampler,) = create_sampler([loader.dataset], [True], num_replicas, rank)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                       worker_init_fn=loader.worker_init_fn)
@@ -242,9 +243,8 @@ class _WorldEmbeds:
     def return_gradients(self):
         if self.parts is None:
             return
-        own = torch.cat(self.local)
-        grads = torch.cat([torch.zeros_like(own) if part is None or part.grad is None else part.grad
-                           for part in self.parts])
+        zeros = torch.zeros_like(next(part for part in self.parts if part is not None))  # parts are alike
+        grads = torch.cat([zeros if part is None or part.grad is None else part.grad for part in self.parts])
         mine = utils.all_reduce_sum(grads).chunk(utils.get_world_size())[self.process]
         for leaf, grad in zip(self.local, mine.split([len(leaf) for leaf in self.local])):
             leaf.grad = grad.clone() if leaf.grad is None else leaf.grad + grad

@@ -85,12 +85,8 @@ class WorldBatch:
     @classmethod
     def gather(cls, own, with_image_embeds):
         """From every process (this process is one rank)."""
-        return cls(concat_all_gather(own.image_feat), concat_all_gather(own.text_feat),
-                   concat_all_gather(own.text.input_ids), concat_all_gather(own.text.attention_mask),
-                   concat_all_gather(own.image_feat_m), concat_all_gather(own.text_feat_m),
-                   None if own.idx is None else concat_all_gather(own.idx),
-                   get_rank() * own.image_embeds.size(0),
-                   all_gather_with_grad(own.image_embeds) if with_image_embeds else None)
+        image_embeds = all_gather_with_grad(own.image_embeds) if with_image_embeds else None
+        return cls.concat([own]).gathered().for_rank(get_rank() * own.image_embeds.size(0), image_embeds)
 
     @classmethod
     def concat(cls, batches):
